@@ -132,5 +132,9 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits in fp32 for hidden states of any leading shape."""
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if self.lm_head is None:
+            # Contract against the [V, D] embedding directly: a transposed copy would cost a full
+            # pass over the largest matrix in every decoding step.
+            embed = self.embed[...].astype(hidden.dtype)
+            return jnp.einsum("...d,vd->...v", hidden, embed, preferred_element_type=jnp.float32)
+        return jnp.matmul(hidden, self.lm_head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,162 @@
+"""Decode prompts with autoregressive or Jacobi decoding; `decode.py collect` writes trajectories.
+
+    python decode.py --prompt "What is 7 * 8?" --method jacobi --compare ar
+    python decode.py --dataset gsm8k-eval --limit 8 --method jacobi-rolling --json
+    python decode.py collect --dataset gsm8k --limit 100 --out runs/traj
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm import tqdm
+
+from cllm_jax.decode.engine import METHODS, Decoder, DecodeSettings, summarize
+from cllm_jax.decode.guess import INIT_STRATEGIES
+from cllm_jax.decode.sampling import Sampling
+from cllm_jax.errors import CllmError, InputError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hugging Face directory, .gguf file or training run (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (fp32 on CPU)")
+    parser.add_argument("--block-size", type=int, default=16, help="Jacobi block (window) size n")
+    parser.add_argument("--init", default="prefix-sample", choices=INIT_STRATEGIES, help="initial guess of a block")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    parser.add_argument("--prompts", help="JSONL file with a 'prompt' field per line")
+    parser.add_argument("--prompt-ids", action="append", default=[], help="raw token ids, e.g. 1,2,3 (repeatable)")
+    parser.add_argument("--dataset", help="built-in prompts: gsm8k, gsm8k-eval, sharegpt, humaneval")
+    parser.add_argument("--limit", type=int, help="use only the first N prompts of --prompts / --dataset")
+    chat = parser.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt text as is")
+
+
+def prompt_token_ids(args, tokenizer) -> list[list[int]]:
+    """All prompts as token ids, in the order given: texts, file, dataset, then raw ids."""
+    from cllm_jax.data.prompts import load_prompts
+
+    texts = list(args.prompt)
+    for source in (args.prompts, args.dataset):
+        if source:
+            texts += [example.prompt for example in load_prompts(source, limit=args.limit)]
+    ids = []
+    if texts:
+        if tokenizer is None:
+            raise InputError("this model has no tokenizer: pass token ids with --prompt-ids 1,2,3")
+        chat = tokenizer.has_chat_template if args.chat is None else args.chat
+        if chat and not tokenizer.has_chat_template:
+            raise InputError("--chat was given but the model has no chat template: use --no-chat")
+        ids = [tokenizer.chat_ids(t) if chat else tokenizer.encode(t) for t in texts]
+    for raw in args.prompt_ids:
+        try:
+            ids.append([int(t) for t in raw.replace(" ", "").split(",") if t])
+        except ValueError:
+            raise InputError(f"--prompt-ids '{raw}' is not a comma-separated list of integers") from None
+    if not ids:
+        raise InputError("no prompts: pass --prompt TEXT, --prompts FILE, --dataset NAME or --prompt-ids 1,2,3")
+    return ids
+
+
+def settings_from(args, loaded, method: str, record: bool = False) -> DecodeSettings:
+    tokenizer = loaded.tokenizer
+    eos = tokenizer.eos_token_id if tokenizer is not None else loaded.config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    if args.block_size < 1 or args.max_new_tokens < 1:
+        raise InputError("--block-size and --max-new-tokens must be at least 1")
+    sampling = Sampling(getattr(args, "temperature", 0.0), getattr(args, "top_k", 0), getattr(args, "top_p", 1.0), args.seed)
+    return DecodeSettings(
+        method, args.max_new_tokens, args.block_size, args.init, sampling, eos, pad, args.batch_size, record, args.seed
+    )
+
+
+def run_method(loaded, prompts, settings: DecodeSettings, show_progress: bool):
+    decoder = Decoder(loaded.model, settings)
+    results = []
+    with tqdm(total=len(prompts), desc=settings.method, unit="prompt", disable=not show_progress, file=sys.stderr) as bar:
+        for batch in decoder.generate_batches(prompts):
+            results += batch
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{summarize(results)['tokens_per_second']:.1f}")
+    return results
+
+
+def print_results(results, tokenizer, method: str, as_json: bool) -> None:
+    for r in results:
+        text = tokenizer.decode(r.token_ids) if tokenizer is not None else None
+        if as_json:
+            print(json.dumps({
+                "method": method, "prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "text": text,
+                "forward_passes": r.forward_passes, "tokens_per_forward": round(r.tokens_per_forward, 4),
+                "iterations_per_block": round(r.iterations_per_block, 4), "fast_forwarded": r.fast_forwarded,
+                "stationary": r.stationary, "seconds": round(r.seconds, 4), "compile_seconds": round(r.compile_seconds, 4),
+            }))  # fmt: skip
+        else:
+            print(text if text is not None else r.token_ids)
+            print(f"  [{method}] {len(r.token_ids)} tokens, {r.forward_passes} forward passes, TPF {r.tokens_per_forward:.2f}\n")
+
+
+def describe(summary: dict, method: str) -> str:
+    return (
+        f"{method}: {summary['tokens']} tokens, TPF {summary['tokens_per_forward']:.2f}, "
+        f"{summary['tokens_per_second']:.1f} tokens/s, {summary['seconds']:.2f} s (+{summary['compile_seconds']:.1f} s compile)"
+    )
+
+
+def decode_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_prompt_arguments(parser)
+    parser.add_argument("--method", default="ar", choices=METHODS)
+    parser.add_argument("--compare", choices=METHODS, help="also run this method on the same prompts; print the speedup")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--json", action="store_true", help="one JSON line per prompt on stdout")
+    args = parser.parse_args(argv)
+
+    from cllm_jax.weights.load import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    prompts = prompt_token_ids(args, loaded.tokenizer)
+    summaries = {}
+    for method in [args.method] + ([args.compare] if args.compare and args.compare != args.method else []):
+        results = run_method(loaded, prompts, settings_from(args, loaded, method), show_progress=len(prompts) > 1)
+        print_results(results, loaded.tokenizer, method, args.json)
+        summaries[method] = summarize(results)
+        print(describe(summaries[method], method), file=sys.stderr)
+    if len(summaries) == 2:
+        ours, baseline = (summaries[m] for m in summaries)
+        speedup = ours["tokens_per_second"] / max(baseline["tokens_per_second"], 1e-9)
+        print(f"speedup of {args.method} over {args.compare}: {speedup:.2f}x (TPF {ours['tokens_per_forward']:.2f} "
+              f"vs {baseline['tokens_per_forward']:.2f})", file=sys.stderr)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["collect"]:
+            from cllm_jax.data.collect_cli import collect_main
+
+            collect_main(argv[1:])
+        else:
+            decode_main(argv)
+    except CllmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
