@@ -2,7 +2,8 @@
 
     python decode.py --prompt "What is 7 * 8?" --method jacobi --compare ar
     python decode.py --dataset gsm8k-eval --limit 8 --method jacobi-rolling --json
-    python decode.py collect --dataset gsm8k --limit 100 --out runs/traj
+    python decode.py collect --dataset gsm8k --limit 100 --out runs/traj [--shard 0/2]
+    python decode.py merge --out runs/traj runs/traj-0 runs/traj-1
 """
 
 from __future__ import annotations
@@ -140,20 +141,83 @@ def decode_main(argv: list[str]) -> None:
               f"vs {baseline['tokens_per_forward']:.2f})", file=sys.stderr)  # fmt: skip
 
 
+def collect_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="decode.py collect", description="Collect Jacobi trajectories.")
+    parser.add_argument("--model", help="Hugging Face directory, .gguf file or training run (default: SmolLM2)")
+    parser.add_argument("--dataset", help="gsm8k (its collection split), sharegpt, humaneval")
+    parser.add_argument("--prompts", help="JSONL file with a 'prompt' field (and --answer-field)")
+    parser.add_argument("--answer-field", help="field of --prompts holding a ground-truth answer (labels_ids)")
+    parser.add_argument("--limit", type=int, help="number of prompts")
+    parser.add_argument("--out", required=True, help="output directory (resumed if it holds this run)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--use-aug", action="store_true", help="add partly corrected states (reference use_aug)")
+    parser.add_argument("--no-clean", dest="clean", action="store_false", help="keep records with 10-token repeats")
+    parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard", help="i/N: collect every N-th prompt starting at i (merge the shards after)")
+    args = parser.parse_args(argv)
+
+    from cllm_jax.data.collect import CollectOptions, collect
+    from cllm_jax.data.prompts import load_prompts
+    from cllm_jax.weights.load import load_model
+
+    if bool(args.dataset) == bool(args.prompts):
+        raise InputError("give exactly one of --dataset NAME and --prompts FILE")
+    shard = None
+    if args.shard:
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            assert len(shard) == 2
+        except (ValueError, AssertionError):
+            raise InputError(f"--shard '{args.shard}' is not of the form i/N, e.g. 0/4") from None
+    source = args.dataset or args.prompts
+    extra = {"answer_field": args.answer_field} if args.prompts and args.answer_field else {}
+    examples = load_prompts(source, limit=args.limit, **extra)
+    loaded = load_model(args.model)
+    if loaded.tokenizer is None:
+        raise InputError("collection needs a model with a tokenizer")
+    options = CollectOptions(args.block_size, args.max_new_tokens, args.use_aug, args.clean, chat=args.chat,
+                             seed=args.seed, batch_size=args.batch_size)  # fmt: skip
+    bar = tqdm(desc="collect", unit="prompt", file=sys.stderr)
+    tokens = 0
+
+    def on_batch(results, left):
+        nonlocal tokens
+        tokens += sum(len(r.token_ids) for r in results)
+        bar.total = bar.n + len(results) + left
+        bar.update(len(results))
+        bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+
+    summary = collect(loaded, examples, args.out, options, source=str(source), shard=shard, on_batch=on_batch)
+    bar.close()
+    print(json.dumps(summary, indent=2))
+
+
+def merge_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="decode.py merge", description="Merge collection shards into one run.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("shards", nargs="+", help="the shard directories")
+    args = parser.parse_args(argv)
+    from cllm_jax.data.trajectories import merge_shards
+
+    print(json.dumps(merge_shards(args.shards, args.out), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    commands = {"collect": collect_main, "merge": merge_main}
     try:
-        if argv[:1] == ["collect"]:
-            from cllm_jax.data.collect_cli import collect_main
-
-            collect_main(argv[1:])
+        if argv[:1] and argv[0] in commands:
+            commands[argv[0]](argv[1:])
         else:
             decode_main(argv)
     except CllmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
 

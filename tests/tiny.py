@@ -39,3 +39,22 @@ def torch_greedy(model, prompt, max_new_tokens, eos_token_id=None):
         eos_token_id=eos_token_id, pad_token_id=0,
     )  # fmt: skip
     return out[0, len(prompt) :].tolist()
+
+
+def save_tiny_chat_model(path, seed: int = 0):
+    """A tiny random LLaMA with SmolLM2's vocabulary and tokenizer (chat template included).
+
+    Real tokenization and chat prompts, at a tiny model's speed: for end-to-end tests of the
+    commands. Returns the torch model.
+    """
+    import shutil
+
+    from cllm_jax.weights.default_model import default_model_dir
+
+    model = torch_model("llama", seed=seed, vocab_size=49152, num_key_value_heads=2, max_position_embeddings=2048)
+    model.save_pretrained(path)
+    source = default_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return model

@@ -344,7 +344,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _read_summary(out_dir: Path) -> dict | None:
+def read_summary(out_dir: Path) -> dict | None:
     path = out_dir / SUMMARY_FILE
     if not path.exists():
         return None
@@ -411,7 +411,7 @@ class TrajectoryWriter:
 
     def _open(self) -> None:
         self.path = self.out_dir / TRAJECTORIES_FILE
-        summary = _read_summary(self.out_dir)
+        summary = read_summary(self.out_dir)
         if summary is None:
             if self.path.exists() and self.path.stat().st_size:
                 raise DataError(f"{self.path} exists without {SUMMARY_FILE}: not a cllm_jax collection "
@@ -520,7 +520,7 @@ def merge_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     dirs = [Path(d) for d in shard_dirs]
     summaries = []
     for d in dirs:
-        s = _read_summary(d)
+        s = read_summary(d)
         if s is None:
             raise DataError(f"{d}: no {SUMMARY_FILE}; not a collection directory")
         summaries.append(s)

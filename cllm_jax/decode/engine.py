@@ -116,25 +116,30 @@ class Decoder:
         self._caches[shape] = out.cache  # the input cache was donated; keep the returned one for reuse
         return out, seconds, compile_seconds
 
-    def generate_batches(self, prompts: list[list[int]]) -> Iterator[list[Generation]]:
-        """Yield results batch by batch (for progress bars and incremental writing)."""
+    def generate_batches(self, prompts: list[list[int]], row_seeds: list[int] | None = None) -> Iterator[list[Generation]]:
+        """Yield results batch by batch (for progress bars and incremental writing).
+
+        `row_seeds` (default: the prompts' indices) key each prompt's random guesses and sampling
+        noise, so a prompt decodes the same in any batch, shard or resumed run.
+        """
         s, config = self.settings, self.model.config
         key = jax.random.key(s.seed)
+        row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
         for start in range(0, len(prompts), s.batch_size):
             chunk = prompts[start : start + s.batch_size]
             # Pad the last batch with copies of its first prompt: one batch size, one compilation.
             padded = chunk + [chunk[0]] * (s.batch_size - len(chunk))
-            seeds = list(range(start, start + len(padded)))
+            seeds = row_seeds[start : start + len(chunk)]
+            seeds += [seeds[0]] * (s.batch_size - len(chunk))
             batch = make_prompt_batch(
                 padded, config.vocab_size, config.max_position_embeddings, s.max_new_tokens + s.lookahead, seeds, s.pad_id
             )
-            key, sub = jax.random.split(key)
-            out, seconds, compile_seconds = self._run(batch, sub)
+            out, seconds, compile_seconds = self._run(batch, key)
             timing = (seconds, compile_seconds, start // s.batch_size)
             yield [self._result(out, i, chunk[i], *timing) for i in range(len(chunk))]
 
-    def generate(self, prompts: list[list[int]]) -> list[Generation]:
-        return [g for batch in self.generate_batches(prompts) for g in batch]
+    def generate(self, prompts: list[list[int]], row_seeds: list[int] | None = None) -> list[Generation]:
+        return [g for batch in self.generate_batches(prompts, row_seeds) for g in batch]
 
     def _result(self, out: DecodeOutput, row: int, prompt: list[int], seconds, compile_seconds, batch_index):
         length = int(out.lengths[row])

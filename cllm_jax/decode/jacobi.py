@@ -102,10 +102,11 @@ def token_metrics(last_change: jax.Array, keep: jax.Array) -> tuple[jax.Array, j
     return fast.sum(axis=1), still.sum(axis=1)
 
 
-def next_guess(key, first, prompt_tokens, prompt_lengths, progress: Progress, length: int, options: JacobiOptions, vocab):
+def next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions, vocab):
+    """A fresh block: the known token `first` [B], then n - 1 guesses."""
     rest = guess_tokens(
-        key, options.init, (first.shape[0], length), first, prompt_tokens, prompt_lengths,
-        progress.generated, progress.lengths, vocab, options.pad_id,
+        key, row_seeds, prompt_lengths + progress.lengths, options.init, (first.shape[0], options.block_size - 1),
+        first, prompt_tokens, prompt_lengths, progress.generated, progress.lengths, vocab, options.pad_id,
     )  # fmt: skip
     return jnp.concatenate([first[:, None], rest], axis=1)
 
@@ -118,7 +119,6 @@ class _State:
     block: jax.Array  # [B, n] current state of each row's block; block[:, 0] is final
     iteration: jax.Array  # [B] iterations spent on the current block
     last_change: jax.Array  # [B, n]
-    key: jax.Array
     step: jax.Array
     trajectory: jax.Array | None  # [B, max_blocks, n + 1, n]
     trajectory_states: jax.Array | None  # [B, max_blocks]
@@ -150,15 +150,14 @@ def generate_jacobi(
     offsets = jnp.arange(n, dtype=jnp.int32)
     first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
     progress = start_progress(first, options)
-    key, sub = jax.random.split(key)
-    block = next_guess(sub, first, prompt_tokens, prompt_lengths, progress, n - 1, options, vocab)
+    block = next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
     trajectory = states = None
     if options.record:
         trajectory = jnp.zeros((batch, options.max_blocks, n + 1, n), jnp.int32)
         states = jnp.zeros((batch, options.max_blocks), jnp.int32)
         trajectory, states = _record(trajectory, states, block, progress, 0, ~progress.done)
     zeros = jnp.zeros((batch,), jnp.int32)
-    state = _State(cache, progress, block, zeros, jnp.zeros((batch, n), jnp.int32), key, 0, trajectory, states)
+    state = _State(cache, progress, block, zeros, jnp.zeros((batch, n), jnp.int32), 0, trajectory, states)
 
     def iterate(state: _State) -> _State:
         p = state.progress
@@ -189,8 +188,7 @@ def generate_jacobi(
         p = commit(p, state.block, jnp.full((batch,), n), converged, options)
         seed = predicted[:, -1]
         p = commit(p, seed[:, None], jnp.ones_like(zeros), converged, options, only_if_final=True)
-        key, sub = jax.random.split(state.key)
-        fresh = next_guess(sub, seed, prompt_tokens, prompt_lengths, p, n - 1, options, vocab)
+        fresh = next_guess(key, row_seeds, seed, prompt_tokens, prompt_lengths, p, options, vocab)
         if options.record:
             trajectory, states = _record(trajectory, states, fresh, p, 0, converged & ~p.done)
         return _State(
@@ -199,7 +197,6 @@ def generate_jacobi(
             jnp.where(converged[:, None], fresh, new_block),
             jnp.where(converged, 0, iteration),
             jnp.where(converged[:, None], 0, last_change),
-            key,
             state.step + 1,
             trajectory,
             states,

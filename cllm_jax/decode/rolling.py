@@ -33,7 +33,6 @@ class _State:
     progress: Progress
     window: jax.Array  # [B, n]; window[:, 0] is final
     set_at: jax.Array  # [B, n] the step that gave each window token its current value
-    key: jax.Array
     step: jax.Array
 
 
@@ -52,10 +51,9 @@ def generate_rolling_jacobi(
     offsets = jnp.arange(n, dtype=jnp.int32)
     first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
     progress = start_progress(first, options)
-    key, sub = jax.random.split(key)
-    window = next_guess(sub, first, prompt_tokens, prompt_lengths, progress, n - 1, options, vocab)
+    window = next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
     # Guessed tokens are marked -1: a right guess that a pass accepts counts as stationary, not fast-forwarded.
-    state = _State(cache, progress, window, jnp.full((batch, n), -1, jnp.int32), key, jnp.int32(0))
+    state = _State(cache, progress, window, jnp.full((batch, n), -1, jnp.int32), jnp.int32(0))
 
     def iterate(state: _State) -> _State:
         p, window, step = state.progress, state.window, state.step + 1
@@ -80,8 +78,7 @@ def generate_rolling_jacobi(
         # the remaining predictions, then fresh guesses for the k - 1 slots freed at the end.
         source = accepted[:, None] - 1 + offsets
         shifted = jnp.take_along_axis(predicted, jnp.minimum(source, n - 1), axis=1)
-        key, sub = jax.random.split(state.key)
-        guesses = next_guess(sub, shifted[:, 0], prompt_tokens, prompt_lengths, p, n - 1, options, vocab)
+        guesses = next_guess(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, options, vocab)
         from_prediction = source < n
         new_window = jnp.where(from_prediction, shifted, guesses)
         # A slot keeps its age when the token at that absolute position did not change.
@@ -96,7 +93,6 @@ def generate_rolling_jacobi(
             p,
             jnp.where(active[:, None], new_window, window),
             jnp.where(active[:, None], set_at, state.set_at),
-            key,
             step,
         )
 
