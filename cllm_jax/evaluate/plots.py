@@ -23,3 +23,39 @@ def plot_method_bars(labels: list[str], series: dict[str, list[float]], path: st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_tpf_distribution(per_method: dict[str, list[float]], path: str | Path) -> None:
+    """Histogram of per-prompt tokens per forward pass, one outline per method."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = [v for vs in per_method.values() for v in vs]
+    bins = [1.0 + 0.1 * i for i in range(int((max(values + [1.5]) - 1.0) / 0.1) + 2)]
+    for name, vs in per_method.items():
+        ax.hist(vs, bins=bins, histtype="step", linewidth=1.5, label=name)
+    ax.set_xlabel("tokens per forward pass (per prompt)")
+    ax.set_ylabel("prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_trajectories(panels: dict[str, list[list[int]]], path: str | Path) -> None:
+    """Jacobi trajectories of one block, as in the CLLM paper's figure: one row per iteration,
+    one column per block position; green where the token already equals the fixed point, red not."""
+    from matplotlib.colors import ListedColormap
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (name, states) in zip(axes[0], panels.items()):
+        fixed = states[-1]
+        grid = [[1 if token == fixed[i] else 0 for i, token in enumerate(state)] for state in states]
+        ax.imshow(grid, cmap=ListedColormap(["#d9534f", "#5cb85c"]), vmin=0, vmax=1, aspect="auto")
+        ax.set_xlabel("block position")
+        ax.set_ylabel("Jacobi iteration")
+        ax.set_title(f"{name}: {len(states)} states", fontsize=9)
+        ax.set_xticks(range(len(fixed)))
+        ax.set_yticks(range(len(states)))
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,224 @@
+"""The training configuration: frozen dataclasses, read from YAML, with `key=value` overrides.
+
+A recipe is a YAML file whose top-level sections mirror `TrainConfig` (model, data, loss, optim,
+mesh, distributed, checkpoint, log). Overrides use dotted keys, e.g. `optim.lr=1e-5` or
+`data.trajectories=[a,b]`; the value is parsed as YAML, so numbers, booleans, null and lists work.
+Unknown keys and wrongly typed values raise ConfigError naming the key. The resolved config is
+written to every run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cllm_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str | None = None  # HF directory, .gguf file, or null for the built-in SmolLM2
+    dtype: str = "float32"  # compute dtype of matmuls (parameters always stay float32)
+    remat: bool = True  # rematerialize each decoder layer in the backward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    trajectories: tuple[str, ...] = ()  # collection directories or .jsonl/.json trajectory files
+    layout: str = "per_record"  # per_record (the reference) | packed (Jacobi Forcing style)
+    ar_source: str = "teacher"  # teacher (prefix + fixed point) | labels (ground truth)
+    max_seq_len: int = 1024  # longer inputs lose the oldest prefix tokens (never the block)
+    pad_multiple: int = 64  # pad lengths up to a multiple of this (fewer recompilations)
+    shuffle: bool = True
+    seed: int = 0  # data order and the per-record choice of the trajectory state
+    eos_id: int | None = None  # null: the model's; -1: do not mask positions after EOS
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    consistency: str = "global"  # global (target on y*) | local (target on the next state)
+    distance: str = "forward_kl"  # forward_kl (reference soft CE) | reverse_kl | js
+    ar_weight: float = 10.0
+    label_smoothing: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant (all after linear warm-up)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    clip_norm: float = 1.0  # global gradient norm; 0 disables
+    batch_size: int = 1  # examples per micro-batch, over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule follows it)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = -1  # one axis may be -1: all devices the other two leave
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    enabled: bool = False  # call jax.distributed.initialize before anything touches devices
+    coordinator: str | None = None  # host:port; null lets JAX detect the cluster (SLURM, TPU, ...)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 200  # optimizer steps between checkpoints (the last step is always saved)
+    keep: int = 2
+    asynchronous: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True  # when tensorboardX or torch.utils.tensorboard is importable
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0  # the train state's JAX RNG
+    export: bool = True  # write RUN_DIR/export (Hugging Face format) at the end
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    mesh: MeshSection = MeshSection()
+    distributed: DistributedSection = DistributedSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+
+    def __post_init__(self):
+        choices = {
+            "data.layout": (self.data.layout, ("per_record", "packed")),
+            "data.ar_source": (self.data.ar_source, ("teacher", "labels")),
+            "loss.consistency": (self.loss.consistency, ("global", "local")),
+            "loss.distance": (self.loss.distance, ("forward_kl", "reverse_kl", "js")),
+            "optim.schedule": (self.optim.schedule, ("cosine", "linear", "constant")),
+            "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        positive = {"optim.batch_size": self.optim.batch_size, "optim.grad_accum": self.optim.grad_accum,
+                    "optim.epochs": self.optim.epochs, "checkpoint.every": self.checkpoint.every,
+                    "checkpoint.keep": self.checkpoint.keep, "data.pad_multiple": self.data.pad_multiple,
+                    "data.max_seq_len": self.data.max_seq_len}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not 0 <= self.optim.warmup_ratio < 1 or not 0 <= self.loss.label_smoothing < 1:
+            raise ConfigError("optim.warmup_ratio and loss.label_smoothing must lie in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _convert(value, options[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'the config'} must be a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (type(value) is hint):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the config"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where} "
+                          f"(valid: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """A copy of `values` with each `dotted.key=value` applied (value parsed as YAML)."""
+    values = _plain(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return values
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    return _build(TrainConfig, values or {})
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The TrainConfig of a YAML recipe (None: defaults) with `key=value` overrides applied."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    return config_from_dict(apply_overrides(values, list(overrides)))

@@ -1,0 +1,229 @@
+"""The training loop: data positions, the jitted step, metrics, checkpoints, resume and export.
+
+Run directory layout:
+  config.yaml       the resolved TrainConfig (a resumed run must match it, mesh/log/checkpoint aside)
+  metrics.jsonl     one JSON line per optimizer step (loss terms, lr, grad norm, tokens/s, step time)
+  checkpoints/N/    orbax checkpoints (state + data position)
+  tensorboard/      when tensorboardX or torch.utils.tensorboard is installed
+  export/           the final model in Hugging Face format (+ tokenizer): decode.py --model RUN_DIR
+
+Step s (0-based) trains on the data position epoch = s // steps_per_epoch, cursor = (s %
+steps_per_epoch) * grad_accum * batch_size, and the batch there is a pure function of it, so a
+resumed run repeats exactly the losses an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+
+from cllm_jax.checkpoint import CHECKPOINT_DIR, EXPORT_DIR, Checkpointer
+from cllm_jax.data.trajectories import TrajectoryRecord, read_trajectories
+from cllm_jax.errors import CllmError, ConfigError, DataError
+from cllm_jax.parallel import distributed, mesh as mesh_lib
+from cllm_jax.train import step as step_lib
+from cllm_jax.train.batching import BatchSpec, DataSource
+from cllm_jax.train.config import TrainConfig
+from cllm_jax.train.metrics_log import MetricsLog
+
+# Sections that may change when a run resumes; anything else must match the stored config.
+_RESUMABLE_CHANGES = ("run_dir", "mesh", "distributed", "checkpoint", "log", "export")
+
+
+class TrainingDiverged(CllmError):
+    """A loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    last_metrics: dict
+    export_dir: Path | None
+
+
+def load_records(paths) -> list[TrajectoryRecord]:
+    if not paths:
+        raise ConfigError("data.trajectories is empty: give the collection directories to train on")
+    records = []
+    for path in paths:
+        records.extend(read_trajectories(path))
+    return records
+
+
+def _fingerprint(records: list[TrajectoryRecord]) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(repr((r.data_id, r.jacobian_itr_id, len(r.prompt_ids), len(r.answer_trajectory_ids))).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_resume_config(run_dir: Path, config: TrainConfig) -> None:
+    stored_file = run_dir / "config.yaml"
+    if not stored_file.is_file():
+        return
+    stored, now = yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {}, config.to_dict()
+    diffs = [f"{section}.{k}: {stored.get(section, {}).get(k)!r} there, {v!r} now"
+             for section, values in now.items() if isinstance(values, dict) and section not in _RESUMABLE_CHANGES
+             for k, v in values.items() if stored.get(section, {}).get(k) != v]
+    diffs += [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in now.items()
+              if not isinstance(v, dict) and k not in _RESUMABLE_CHANGES and stored.get(k) != v]
+    if diffs:
+        raise ConfigError(f"{run_dir} holds a run with another config ({'; '.join(diffs[:3])}); "
+                          f"resume with the same settings or choose a new run_dir")
+
+
+def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[TrajectoryRecord] | None = None,
+        devices=None, after_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train (or resume) the run in `config.run_dir`; returns when the run is complete and exported.
+
+    `model`/`records` replace loading them from config.model.path / config.data.trajectories;
+    `after_step(step)` is called after each optimizer step (tests use it to interrupt a run).
+    """
+    dist = config.distributed
+    distributed.initialize(dist.enabled, dist.coordinator, dist.num_processes, dist.process_id)
+    main = distributed.is_main_process()
+    run_dir = Path(config.run_dir)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    if ckpt_dir.is_dir():
+        _check_resume_config(run_dir, config)
+    records = load_records(config.data.trajectories) if records is None else list(records)
+    if model is None:
+        from cllm_jax.weights.load import load_model
+
+        loaded = load_model(config.model.path, config.model.dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model.config = model.config.replace(dtype=config.model.dtype)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    eos = config.data.eos_id if config.data.eos_id is not None else model.config.eos_token_id
+    spec = BatchSpec(layout=config.data.layout, consistency=config.loss.consistency,
+                     ar_source=config.data.ar_source, max_seq_len=config.data.max_seq_len,
+                     pad_multiple=config.data.pad_multiple, eos_id=None if eos == -1 else eos,
+                     seed=config.data.seed, shuffle=config.data.shuffle)
+    data = DataSource(records, spec)
+
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    accum, batch_size = config.optim.grad_accum, config.optim.batch_size
+    if batch_size % mesh_lib.batch_divisor(mesh):
+        raise ConfigError(f"optim.batch_size={batch_size} must be a multiple of mesh data x fsdp = "
+                          f"{mesh_lib.batch_divisor(mesh)}")
+    per_step = accum * batch_size
+    steps_per_epoch = math.ceil(len(data) / per_step)
+    total = config.optim.max_steps or steps_per_epoch * config.optim.epochs
+    o = config.optim
+    tx, schedule = step_lib.make_optimizer(o.lr, total, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
+                                           min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1,
+                                           b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
+    graphdef, params = nnx.split(model)
+    shardings = step_lib.state_shardings(params, tx, mesh)
+    fingerprint = {"num_examples": len(data), "examples": _fingerprint(records), "layout": spec.layout}
+
+    checkpointer = Checkpointer(ckpt_dir, config.checkpoint.every, config.checkpoint.keep,
+                                config.checkpoint.asynchronous)
+    try:
+        start = checkpointer.latest_step() or 0
+        if start:
+            abstract = step_lib.abstract_state(jax.eval_shape(lambda: params), tx, shardings)
+            state, position = checkpointer.restore(abstract, start)
+            stored = {k: position.get(k) for k in fingerprint}
+            if stored != fingerprint:
+                raise DataError(f"{run_dir} was trained on other data ({stored} there, {fingerprint} now); "
+                                f"resume with the same data.trajectories or choose a new run_dir")
+            if (position.get("epoch"), position.get("cursor")) != _position(start, steps_per_epoch, per_step):
+                raise DataError(f"the data position saved at step {start} ({position}) does not follow from the "
+                                f"batch settings; resume with the same optim.batch_size and grad_accum")
+        else:
+            state = step_lib.init_state(jax.device_get(params), tx, shardings, config.seed)
+        del params, model
+
+        def position(step: int) -> tuple[int, int]:
+            return _position(step, steps_per_epoch, per_step)
+
+        def host_batch(step: int):
+            epoch, cursor = position(step)
+            rows = distributed.process_rows(mesh_lib.batch_sharding(mesh, 3), (accum, batch_size, 1))
+            return data.batch(epoch, cursor, (accum, batch_size), rows)
+
+        log = MetricsLog(run_dir, start, progress=config.log.progress and main, total=total,
+                         tensorboard=config.log.tensorboard, enabled=main)
+        step_fn, metrics, next_batch = None, {}, host_batch(start) if start < total else None
+        with jax.set_mesh(mesh), log:
+            for step in range(start, total):
+                hb = next_batch
+                batch = {k: distributed.global_array(v, mesh_lib.batch_sharding(mesh, v.ndim), hb.global_shapes[k])
+                         for k, v in hb.arrays.items()}
+                if step_fn is None:
+                    step_fn = step_lib.compile_train_step(
+                        graphdef, tx, schedule, _step_options(config, spec), mesh, shardings,
+                        {k: v.ndim for k, v in hb.arrays.items()})
+                t0 = time.perf_counter()
+                state, device_metrics = step_fn(state, batch)
+                next_batch = host_batch(step + 1) if step + 1 < total else None  # overlaps the step
+                metrics = {k: float(v) for k, v in distributed.to_host(device_metrics).items()}
+                elapsed = time.perf_counter() - t0
+                epoch = position(step)[0]
+                _check_finite(metrics, step + 1, checkpointer, ckpt_dir)
+                log.write(step + 1, metrics, epoch=epoch, tokens=hb.tokens, examples=hb.examples,
+                          seconds=elapsed, first=(step == start))
+                next_epoch, next_cursor = position(step + 1)
+                checkpointer.save(step + 1, state, {**fingerprint, "epoch": next_epoch, "cursor": next_cursor,
+                                                    "step": step + 1}, force=(step + 1 == total))
+                if after_step is not None:
+                    after_step(step + 1)
+    finally:
+        checkpointer.close()
+
+    export_dir = None
+    if config.export:
+        export_dir = _export(run_dir, graphdef, state, tokenizer, main)
+    return RunResult(run_dir, total, metrics, export_dir)
+
+
+def _position(step: int, steps_per_epoch: int, per_step: int) -> tuple[int, int]:
+    """(epoch, cursor) of optimizer step `step` (0-based): where its examples start."""
+    return step // steps_per_epoch, (step % steps_per_epoch) * per_step
+
+
+def _step_options(config: TrainConfig, spec: BatchSpec) -> step_lib.StepOptions:
+    return step_lib.StepOptions(layout=spec.layout, consistency=spec.consistency, distance=config.loss.distance,
+                                ar_weight=config.loss.ar_weight, label_smoothing=config.loss.label_smoothing,
+                                shared_target=spec.shared_target, remat=config.model.remat)
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, ckpt_dir: Path) -> None:
+    terms = {k: metrics[k] for k in ("loss", "loss_consistency", "loss_ar", "grad_norm")}
+    if all(np.isfinite(v) for v in terms.values()):
+        return
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    kept = f"the last good checkpoint is step {last} in {ckpt_dir}" if last else "no checkpoint was written yet"
+    detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    raise TrainingDiverged(f"training diverged at step {step} ({detail}); stopped, {kept}. "
+                           f"Check the data, or lower optim.lr in a new run_dir")
+
+
+def _export(run_dir: Path, graphdef, state, tokenizer, main: bool) -> Path:
+    from cllm_jax.weights.load import export_model
+
+    params = distributed.to_host(state.params)
+    out = run_dir / EXPORT_DIR
+    if main:
+        model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))
+        model.config = model.config.replace(dtype="float32")
+        export_model(model, out, tokenizer=tokenizer, overwrite=True)
+        (run_dir / "export.json").write_text(json.dumps({"step": int(jax.device_get(state.step))}) + "\n")
+    distributed.sync("export")
+    return out

@@ -1,0 +1,187 @@
+"""The train state and the jitted, sharded training step.
+
+`train_step(graphdef, state, batch)` is pure: it runs every micro-batch of the [grad_accum, batch,
+...] arrays through `lax.scan`, sums their gradients (each micro-batch loss is already divided by
+the token counts of the whole global batch, so accumulation equals one large batch), then applies
+one AdamW update. `compile_train_step` wraps it in `jax.jit` with explicit in/out shardings and the
+state donated, so parameters and optimizer state are updated in place on their devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cllm_jax.parallel import mesh as mesh_lib
+from cllm_jax.train import losses
+from cllm_jax.train.packing import packed_attention_mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    params: Any  # nnx.State of the model's parameters (float32)
+    opt_state: Any  # optax state
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    rng: jax.Array  # uint32 key data of the training RNG
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static (hashable) settings of the loss computation."""
+
+    layout: str = "per_record"
+    consistency: str = "global"
+    distance: str = "forward_kl"
+    ar_weight: float = 10.0
+    label_smoothing: float = 0.1
+    shared_target: bool = True
+    remat: bool = True
+
+
+def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, schedule: str = "cosine",
+                   min_lr_ratio: float = 0.0, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, clip_norm: float = 1.0):
+    """(AdamW with clipping, its learning-rate schedule): linear warm-up, then cosine/linear/constant.
+
+    Warm-up lasts ceil(warmup_ratio * total_steps) steps, as in transformers. Norms and biases get no
+    weight decay.
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup = min(math.ceil(warmup_ratio * total_steps), total_steps - 1) if total_steps > 1 else 0
+    end = lr * min_lr_ratio
+    decay = [optax.constant_schedule(lr) if schedule == "constant"
+             else optax.linear_schedule(lr, end, total_steps - warmup) if schedule == "linear"
+             else optax.cosine_decay_schedule(lr, total_steps - warmup, alpha=min_lr_ratio)]
+    sched = (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup)] + decay, [warmup])
+             if warmup else decay[0])
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not mesh_lib.param_name(path).endswith(("norm", "bias")), params)
+
+    adamw = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw
+    return tx, sched
+
+
+def _gather(h: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(h, index[..., None], axis=1)
+
+
+def _hidden(model, tokens, mesh, remat, positions=None, mask=None):
+    batch, time = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+    hidden, _ = model(tokens, positions, mask=mask, remat=remat)
+    return mesh_lib.constrain(hidden, mesh, ("batch", "length", "act_embed"))
+
+
+def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOptions, mesh=None):
+    """(total loss, (consistency, ar)) of one micro-batch; both terms divided by global counts."""
+    cons_denom, ar_denom = denoms
+    model = nnx.merge(graphdef, params)
+    if options.layout == "packed":
+        mask = packed_attention_mask(micro["group"], micro["chain_limit"])
+        h = _hidden(model, micro["tokens"], mesh, options.remat, micro["positions"], mask)
+        ar_logits = model.logits(h)
+        student_logits = model.logits(_gather(h, micro["cons_student"]))
+        target_logits = model.logits(_gather(h, micro["cons_target"]))
+    else:
+        ar_h = _hidden(model, micro["ar_tokens"], mesh, options.remat)
+        ar_logits = model.logits(ar_h)
+        index = micro["cons_index"]
+        student_logits = model.logits(_gather(_hidden(model, micro["student_tokens"], mesh, options.remat), index))
+        if options.shared_target:
+            target_logits = model.logits(_gather(ar_h, index))
+        else:  # a forward pass of frozen weights: nothing to differentiate, nothing to remat
+            frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+            target_logits = frozen.logits(_gather(_hidden(frozen, micro["target_tokens"], mesh, False), index))
+    ar_logits = mesh_lib.constrain(ar_logits, mesh, ("batch", "length", "act_vocab"))
+    cons = losses.consistency_loss(student_logits, jax.lax.stop_gradient(target_logits), micro["cons_mask"],
+                                   options.distance, denom=cons_denom)
+    ar = losses.ar_loss(ar_logits, micro["ar_labels"], micro["ar_weights"], options.label_smoothing,
+                        denom=ar_denom)
+    return cons + options.ar_weight * ar, (cons, ar)
+
+
+def train_step(graphdef, state: TrainState, batch: dict, *, tx, schedule, options: StepOptions,
+               mesh=None, grad_shardings=None) -> tuple[TrainState, dict]:
+    """One optimizer step over a [grad_accum, batch, ...] batch. Pure; jit it with `compile_train_step`."""
+    denoms = (jnp.sum(batch["cons_mask"]), jnp.sum(batch["ar_weights"]))
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def accumulate(grads, micro):
+        (_, terms), g = grad_fn(state.params, graphdef, micro, denoms, options, mesh)
+        grads = jax.tree.map(jnp.add, grads, g)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        return grads, terms
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (cons, ar) = jax.lax.scan(accumulate, zeros, batch)
+    cons, ar = jnp.sum(cons), jnp.sum(ar)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    metrics = {
+        "loss": cons + options.ar_weight * ar,
+        "loss_consistency": cons,
+        "loss_ar": ar,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state.step),
+        "consistency_tokens": denoms[0],
+        "ar_tokens": denoms[1],
+    }
+    return TrainState(params, opt_state, state.step + 1, rng), metrics
+
+
+def state_shardings(params_abstract, tx, mesh, rules=mesh_lib.DEFAULT_RULES) -> TrainState:
+    """Shardings of every TrainState leaf: parameters by the rules, optimizer moments like their
+    parameters, step and RNG replicated."""
+    params_sh = mesh_lib.param_shardings(params_abstract, mesh, rules)
+    replicated = mesh_lib.replicated(mesh)
+    opt_abstract = jax.eval_shape(tx.init, params_abstract)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, params_sh,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return TrainState(params_sh, opt_sh, replicated, replicated)
+
+
+def abstract_state(params_abstract, tx, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings: the target of a checkpoint restore."""
+    opt_abstract = jax.eval_shape(tx.init, params_abstract)
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    shapes = TrainState(params_abstract, opt_abstract, jax.ShapeDtypeStruct((), jnp.int32), rng)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _place(value, sharding):
+    value = jax.device_get(value) if isinstance(value, jax.Array) and jax.process_count() == 1 else value
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def init_state(params, tx, shardings: TrainState, seed: int = 0) -> TrainState:
+    """A fresh TrainState on the mesh from host (or single-device) parameters."""
+    params = jax.tree.map(_place, params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
+    return TrainState(params, opt_state, step, rng)
+
+
+def compile_train_step(graphdef, tx, schedule, options: StepOptions, mesh, shardings: TrainState,
+                       batch_ndims: dict[str, int]):
+    """jax.jit(train_step) with explicit in/out shardings and the state donated."""
+    fn = functools.partial(train_step, graphdef, tx=tx, schedule=schedule, options=options, mesh=mesh,
+                           grad_shardings=shardings.params)
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+    return jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, mesh_lib.replicated(mesh)),
+                   donate_argnums=(0,))
