@@ -99,6 +99,7 @@ def print_results(results, tokenizer, method: str, as_json: bool) -> None:
                 "forward_passes": r.forward_passes, "tokens_per_forward": round(r.tokens_per_forward, 4),
                 "iterations_per_block": round(r.iterations_per_block, 4), "fast_forwarded": r.fast_forwarded,
                 "stationary": r.stationary, "seconds": round(r.seconds, 4), "compile_seconds": round(r.compile_seconds, 4),
+                "tokens_per_second": round(len(r.token_ids) / r.seconds, 2) if r.seconds > 0 else None,
             }))  # fmt: skip
         else:
             print(text if text is not None else r.token_ids)

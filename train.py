@@ -15,7 +15,7 @@ import argparse
 import sys
 
 
-def pipeline_main(argv: list[str]) -> int:
+def pipeline_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="train.py pipeline", description="Collect, train, evaluate, report.")
     parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/smollm2_gsm8k.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. collect.limit=20 train.optim.lr=1e-4")
@@ -23,7 +23,6 @@ def pipeline_main(argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    from cllm_jax.errors import CllmError
     from cllm_jax.evaluate.pipeline import load_pipeline_config, run_pipeline
 
     bar = None
@@ -34,48 +33,28 @@ def pipeline_main(argv: list[str]) -> int:
             bar = tqdm(total=len(results) + left, desc="collect", unit="prompt", file=sys.stderr)
         bar.update(len(results))
 
-    try:
-        report = run_pipeline(load_pipeline_config(args.config, args.overrides), on_batch=on_batch)
-    except CllmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    report = run_pipeline(load_pipeline_config(args.config, args.overrides), on_batch=on_batch)
     for name, m in report["methods"].items():
         tpf = "n/a " if m["tpf"] is None else f"{m['tpf']:.2f}"
         print(f"{name:<40} TPF {tpf}  {m['tokens_per_second']:6.1f} tok/s  {m['speedup']:.2f}x  acc {m['accuracy']:.1%}")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["pipeline"]:
-        return pipeline_main(argv[1:])
+def train_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (see configs/); omitted: built-in defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-5")
     args = parser.parse_args(argv)
 
-    from cllm_jax.errors import CllmError
+    from cllm_jax.train.config import load_config
 
-    try:
-        from cllm_jax.train.config import load_config
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return
+    from cllm_jax.train.loop import run
 
-        config = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(config.to_yaml(), end="")
-            return 0
-        from cllm_jax.train.loop import run
-
-        result = run(config)
-    except CllmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the latest checkpoint", file=sys.stderr)
-        return 130
+    result = run(config)
     last = result.last_metrics
     summary = f"trained {result.steps} steps in {result.run_dir}"
     if last:
@@ -83,6 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     if result.export_dir is not None:
         summary += f"; model exported to {result.export_dir}"
     print(summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cllm_jax.errors import CllmError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["pipeline"]:
+            pipeline_main(argv[1:])
+        else:
+            train_main(argv)
+    except CllmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

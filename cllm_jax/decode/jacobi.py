@@ -111,6 +111,14 @@ def next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: P
     return jnp.concatenate([first[:, None], rest], axis=1)
 
 
+def begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options: JacobiOptions):
+    """Prefill, the first token, and the first block of guesses: (cache, progress, block)."""
+    first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
+    progress = start_progress(first, options)
+    vocab = model.config.vocab_size
+    return cache, progress, next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _State:
@@ -148,9 +156,7 @@ def generate_jacobi(
     n, batch = options.block_size, prompt_tokens.shape[0]
     vocab = model.config.vocab_size
     offsets = jnp.arange(n, dtype=jnp.int32)
-    first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
-    progress = start_progress(first, options)
-    block = next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
+    cache, progress, block = begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options)
     trajectory = states = None
     if options.record:
         trajectory = jnp.zeros((batch, options.max_blocks, n + 1, n), jnp.int32)

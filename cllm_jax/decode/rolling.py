@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from cllm_jax.decode.autoregressive import DecodeOutput
-from cllm_jax.decode.jacobi import JacobiOptions, Progress, commit, next_guess, start_progress
-from cllm_jax.decode.prefill import prefill, truncate_at_eos
+from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess
+from cllm_jax.decode.prefill import truncate_at_eos
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
 from cllm_jax.decode.sampling import choose_tokens
@@ -49,9 +49,7 @@ def generate_rolling_jacobi(
     n, batch = options.block_size, prompt_tokens.shape[0]
     vocab = model.config.vocab_size
     offsets = jnp.arange(n, dtype=jnp.int32)
-    first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
-    progress = start_progress(first, options)
-    window = next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
+    cache, progress, window = begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options)
     # Guessed tokens are marked -1: a right guess that a pass accepts counts as stationary, not fast-forwarded.
     state = _State(cache, progress, window, jnp.full((batch, n), -1, jnp.int32), jnp.int32(0))
 
