@@ -17,7 +17,7 @@ from tqdm import tqdm
 from cllm_jax.decode.engine import METHODS, Decoder, DecodeSettings, summarize
 from cllm_jax.decode.guess import INIT_STRATEGIES
 from cllm_jax.decode.sampling import Sampling
-from cllm_jax.errors import CllmError, InputError
+from cllm_jax.errors import InputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,20 +207,15 @@ def merge_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"collect": collect_main, "merge": merge_main}
-    try:
-        if argv[:1] and argv[0] in commands:
-            commands[argv[0]](argv[1:])
-        else:
-            decode_main(argv)
-    except CllmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    from cllm_jax.cli import run_commands
+
+    return run_commands(
+        sys.argv[1:] if argv is None else argv,
+        {"collect": collect_main, "merge": merge_main},
+        decode_main,
+        error_status=2,
+        resume_hint="rerun the same command to resume",
+    )
 
 
 if __name__ == "__main__":

@@ -65,21 +65,15 @@ def train_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cllm_jax.errors import CllmError
+    from cllm_jax.cli import run_commands
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["pipeline"]:
-            pipeline_main(argv[1:])
-        else:
-            train_main(argv)
-    except CllmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the latest checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    return run_commands(
+        sys.argv[1:] if argv is None else argv,
+        {"pipeline": pipeline_main},
+        train_main,
+        error_status=1,
+        resume_hint="rerun the same command to resume from the latest checkpoint",
+    )
 
 
 if __name__ == "__main__":
