@@ -13,8 +13,10 @@ written on one mesh restores onto any other (orbax reads the slices each device 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from cllm_jax.errors import CheckpointError
@@ -23,17 +25,31 @@ EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _remove_interrupted_saves(directory: Path) -> None:
+    """Delete the temporary directories of saves that a killed run left behind.
+
+    Not orbax's `cleanup_tmp_directories`: it deletes in a background thread per manager, so two
+    managers opened on one directory (a look at `all_steps`, then the resumed run) race to delete
+    the same path and the loser fails its first save with FileNotFoundError.
+    """
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for path in directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class Checkpointer:
     """Save every `every` steps (and whenever forced), keep the newest `keep`."""
 
     def __init__(self, directory: str | os.PathLike, every: int = 200, keep: int = 2, asynchronous: bool = True):
         self.directory = Path(directory).absolute()
         self.every = every
+        _remove_interrupted_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=asynchronous,
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # done above, synchronously
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
