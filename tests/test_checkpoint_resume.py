@@ -171,6 +171,23 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     assert out["data"] == {"epoch": 0, "cursor": 16}
 
 
+def test_a_save_interrupted_by_a_kill_is_cleared_before_the_next_run(tmp_path):
+    import jax.numpy as jnp
+
+    from cllm_jax.checkpoint import Checkpointer
+
+    # what a SIGKILL during step 3's asynchronous save leaves behind
+    leftover = tmp_path / "3.orbax-checkpoint-tmp"
+    (leftover / "state").mkdir(parents=True)
+    look = Checkpointer(tmp_path)  # e.g. a status check, opened before the resumed run
+    assert look.all_steps() == [] and not leftover.exists()
+    run = Checkpointer(tmp_path, every=3)
+    assert run.save(3, {"w": jnp.ones(3)}, {"epoch": 0, "cursor": 3}, force=True)
+    run.close()
+    look.close()
+    assert Checkpointer(tmp_path).all_steps() == [3]
+
+
 # ---------------------------------------------------------------- subprocess workers
 
 def kill_worker(config_path: str, kill_step: int) -> None:
@@ -237,19 +254,3 @@ if __name__ == "__main__":
     else:
         mesh_worker(sys.argv[2])
 
-
-def test_a_save_interrupted_by_a_kill_is_cleared_before_the_next_run(tmp_path):
-    import jax.numpy as jnp
-
-    from cllm_jax.checkpoint import Checkpointer
-
-    # what a SIGKILL during step 3's asynchronous save leaves behind
-    leftover = tmp_path / "3.orbax-checkpoint-tmp"
-    (leftover / "state").mkdir(parents=True)
-    look = Checkpointer(tmp_path)  # e.g. a status check, opened before the resumed run
-    assert look.all_steps() == [] and not leftover.exists()
-    run = Checkpointer(tmp_path, every=3)
-    assert run.save(3, {"w": jnp.ones(3)}, {"epoch": 0, "cursor": 3}, force=True)
-    run.close()
-    look.close()
-    assert Checkpointer(tmp_path).all_steps() == [3]
