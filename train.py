@@ -3,6 +3,7 @@
     python train.py --config configs/smollm2_cpu.yaml
     python train.py --config configs/smollm2_cpu.yaml data.trajectories=[runs/traj] optim.lr=1e-5 run_dir=runs/x
     python train.py pipeline --config configs/smollm2_gsm8k.yaml   # collect -> train -> evaluate -> report
+    python train.py ablation --config configs/ablation_gsm8k.yaml  # one pipeline per row, one table
 
 Settings are `key=value` overrides of the YAML recipe (dotted keys, YAML values). Rerunning the same
 command resumes the run from its latest checkpoint; the finished model is written to RUN_DIR/export
@@ -21,9 +22,17 @@ def pipeline_main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. collect.limit=20 train.optim.lr=1e-4")
     args = parser.parse_args(argv)
 
-    from tqdm import tqdm
-
     from cllm_jax.evaluate.pipeline import load_pipeline_config, run_pipeline
+
+    report = run_pipeline(load_pipeline_config(args.config, args.overrides), on_batch=_collect_bar())
+    for name, m in report["methods"].items():
+        tpf = "n/a " if m["tpf"] is None else f"{m['tpf']:.2f}"
+        print(f"{name:<40} TPF {tpf}  {m['tokens_per_second']:6.1f} tok/s  {m['speedup']:.2f}x  acc {m['accuracy']:.1%}")
+
+
+def _collect_bar():
+    """An on_batch callback drawing the collection's progress bar (rate and ETA)."""
+    from tqdm import tqdm
 
     bar = None
 
@@ -33,10 +42,23 @@ def pipeline_main(argv: list[str]) -> None:
             bar = tqdm(total=len(results) + left, desc="collect", unit="prompt", file=sys.stderr)
         bar.update(len(results))
 
-    report = run_pipeline(load_pipeline_config(args.config, args.overrides), on_batch=on_batch)
-    for name, m in report["methods"].items():
-        tpf = "n/a " if m["tpf"] is None else f"{m['tpf']:.2f}"
-        print(f"{name:<40} TPF {tpf}  {m['tokens_per_second']:6.1f} tok/s  {m['speedup']:.2f}x  acc {m['accuracy']:.1%}")
+    return on_batch
+
+
+def ablation_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="train.py ablation", description="Run the rows of an ablation, then its table.")
+    parser.add_argument("--config", required=True, help="ablation YAML, e.g. configs/ablation_gsm8k.yaml")
+    parser.add_argument("--rows", help="comma-separated row names (default: every row not yet reported)")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished rows")
+    args = parser.parse_args(argv)
+
+    from cllm_jax.evaluate.ablation import load_ablation_config, run_ablation, write_table
+
+    ablation = load_ablation_config(args.config)
+    rows = args.rows.split(",") if args.rows else None
+    table = write_table(ablation) if args.table_only else run_ablation(ablation, rows, on_batch=_collect_bar())
+    done = sum(row is not None for row in table.values())
+    print(f"{done} of {len(table)} rows reported: {ablation.report_dir / 'report.md'}")
 
 
 def train_main(argv: list[str]) -> None:
@@ -69,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_commands(
         sys.argv[1:] if argv is None else argv,
-        {"pipeline": pipeline_main},
+        {"pipeline": pipeline_main, "ablation": ablation_main},
         train_main,
         error_status=1,
         resume_hint="rerun the same command to resume from the latest checkpoint",

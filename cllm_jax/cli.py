@@ -1,15 +1,82 @@
 """The one way decode.py and train.py turn a subcommand table into an exit status.
 
-Errors the user can fix (`CllmError`) become one line on stderr, never a traceback; Ctrl-C says how
-to resume, since every long job here (collection, training, the pipeline) picks up where it stopped.
+Errors the user can fix (`CllmError`) become one line on stderr, never a traceback, and so do the
+storage errors of the operating system (a full disk, a read-only or forbidden directory), with the
+file they hit. `CllmWarning`s are one line too. Ctrl-C says how to resume, since every long job here
+(collection, training, the pipeline) picks up where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
-from cllm_jax.errors import CllmError
+from cllm_jax.errors import CllmError, CllmWarning
+
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk space (or raise the quota)",
+    errno.EFBIG: "free disk space (or raise the file size limit)",
+    errno.EROFS: "write to a writable file system",
+    errno.EACCES: "make it writable (or choose another directory)",
+    errno.EPERM: "make it writable (or choose another directory)",
+}
+
+
+def _drop_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    # orbax logs a failed background save with its whole traceback (hundreds of lines) before the
+    # Checkpointer re-raises it as a one-line CheckpointError: the line is what the user needs.
+    # (The record's pathname is absl's own file, so the traceback tells where it came from.)
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Wrap sys.unraisablehook (once) to ignore tensorstore's callbacks into a closed event loop.
+
+    After a failed save or restore, orbax closes its event loop while tensorstore still completes
+    the other writes/reads; each late callback reports "Event loop is closed" as an unraisable
+    exception, one traceback each (dozens), racing with the exit. Nothing is lost by ignoring them.
+    The hook stays: the callbacks may come after the command has returned.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _one_line_reports():
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CllmWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    original, absl = warnings.showwarning, logging.getLogger("absl")
+    warnings.showwarning = show
+    _drop_closed_loop_callbacks()
+    absl.addFilter(_drop_orbax_tracebacks)
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+        absl.removeFilter(_drop_orbax_tracebacks)
 
 
 def run_commands(
@@ -23,12 +90,20 @@ def run_commands(
     """Dispatch argv[0] to `commands` (else everything to `default`) and return the exit status."""
     argv = list(argv)
     try:
-        if argv[:1] and argv[0] in commands:
-            commands[argv[0]](argv[1:])
-        else:
-            default(argv)
+        with _one_line_reports():
+            if argv[:1] and argv[0] in commands:
+                commands[argv[0]](argv[1:])
+            else:
+                default(argv)
     except CllmError as error:
         print(f"error: {error}", file=sys.stderr)
+        return error_status
+    except OSError as error:
+        if error.errno not in _STORAGE_FIXES:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror}{where}: {_STORAGE_FIXES[error.errno]}, then {resume_hint}",
+              file=sys.stderr)
         return error_status
     except KeyboardInterrupt:
         print(f"interrupted: {resume_hint}", file=sys.stderr)

@@ -44,6 +44,13 @@ class ModelConfig:
     # Compute dtype of matmuls; softmax, norms and logits stay fp32 whatever this is.
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # How the decoder layers run (not part of config.json): "scan" over stacked weights, or
+    # "per_layer" (a Python loop; with per-layer weight/cache arrays the fastest on a GPU at 7B).
+    # cllm_jax.model.llama.resolve_layer_loop turns "auto" into one of these.
+    layer_loop: str = "scan"
+    # "xla": the einsum attention of cllm_jax.model.layers; "dot_product": jax.nn.dot_product_attention
+    # (cuDNN where the backend, dtype and mask allow); "cudnn": the same, cuDNN required.
+    attention: str = "xla"
 
     @property
     def compute_dtype(self):

@@ -22,3 +22,7 @@ class ConfigError(CllmError, ValueError):
 
 class InputError(CllmError, ValueError):
     """Bad decoding input: a prompt longer than the context, token ids outside the vocabulary."""
+
+
+class CllmWarning(UserWarning):
+    """Something the user should know that did not stop the job (the CLI prints it as one line)."""

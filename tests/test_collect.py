@@ -11,13 +11,15 @@ import pytest
 
 from cllm_jax.data.collect import CollectOptions, collect
 from cllm_jax.data.prompts import PromptExample
-from cllm_jax.data.trajectories import TRAJECTORIES_FILE, read_trajectories
+from cllm_jax.data.trajectories import PROGRESS_FILE, TRAJECTORIES_FILE, read_trajectories
 from cllm_jax.decode.engine import Decoder, DecodeSettings
 from cllm_jax.errors import DataError
 from cllm_jax.weights.load import load_model
 from tests.tiny import save_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_KEYS = {"data_id", "jacobian_itr_id", "prompt_ids_len", "prompt_ids", "answer_trajectory_ids",
+                  "teacher_output_ids", "complete_teacher_output_ids", "labels_ids"}  # the reference schema
 QUESTIONS = [f"What is {a} plus {b}? Explain." for a, b in [(2, 3), (17, 25), (100, 1), (8, 8), (41, 1), (6, 77)]]
 
 
@@ -50,6 +52,9 @@ OPTIONS = CollectOptions(block_size=8, max_new_tokens=40, batch_size=2, clean=Fa
 def test_records_match_the_engine_and_greedy_ar(loaded, tmp_path):
     summary = collect(loaded, examples(), tmp_path / "run", OPTIONS, source="test")
     records = list(read_trajectories(tmp_path / "run"))
+    with open(tmp_path / "run" / TRAJECTORIES_FILE) as f:  # a plain JSON-lines reader sees records only
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == len(records) and all(set(row) == REFERENCE_KEYS for row in rows)
     assert summary["records"] == len(records) == 6 * 5  # 40 tokens in blocks of 8, no EOS in a tiny random model
     tokenizer = loaded.tokenizer
     ar = Decoder(loaded.model, DecodeSettings(method="ar", max_new_tokens=40, eos_id=tokenizer.eos_token_id))
@@ -88,18 +93,19 @@ def collect_cli(model_dir, prompts_file, out, *extra):
 def test_kill_and_resume_gives_the_uninterrupted_file(model_dir, prompts_file, tmp_path):
     whole = subprocess.run(collect_cli(model_dir, prompts_file, tmp_path / "whole"), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
-    target = tmp_path / "killed" / TRAJECTORIES_FILE
+    progress = tmp_path / "killed" / PROGRESS_FILE
     process = subprocess.Popen(collect_cli(model_dir, prompts_file, tmp_path / "killed"), stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (target.exists() and target.read_text().count('"done"') >= 2):
+    while time.time() < deadline and not (progress.exists() and progress.read_text().count("\n") >= 2):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    partial = target.read_text().count('"done"')
+    partial = progress.read_text().count("\n")
     assert 2 <= partial < len(QUESTIONS), "the kill must land mid-run for this test to mean anything"
     resumed = subprocess.run(collect_cli(model_dir, prompts_file, tmp_path / "killed"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert target.read_bytes() == (tmp_path / "whole" / TRAJECTORIES_FILE).read_bytes()
+    for name in (TRAJECTORIES_FILE, PROGRESS_FILE):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
 def test_shards_then_merge_equal_an_unsharded_run(loaded, tmp_path):

@@ -12,11 +12,16 @@ from cllm_jax.config import ModelConfig
 from cllm_jax.data.trajectories import TrajectoryRecord
 from cllm_jax.model.llama import Llama
 from cllm_jax.train import losses
-from cllm_jax.train.batching import BatchSpec, DataSource, block_loss_mask, choose_states
+from cllm_jax.train.batching import BatchSpec, DataSource
+from cllm_jax.train.spec import chosen_pairs
+from cllm_jax.train.states import block_loss_mask, pick_states, state_pairs
 from cllm_jax.train.step import StepOptions, micro_loss
 
 TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, eos_token_id=2)
+# The reference's recipe (today's): reachable by config, and what the reference comparisons check.
+TODAY = dict(ar_on_prompt=True, ar_after_eos=True, noise_schedule="uniform", context="clean",
+             consistency_norm="tokens", student_eos_pads=True)
 
 
 def np_log_softmax(x):
@@ -112,14 +117,13 @@ def test_block_loss_mask_starts_at_first_mismatch():
 
 def test_state_choice_uniform_reproducible_and_never_the_fixed_point():
     record = make_record(np.random.default_rng(0), "a", 4, n_states=5)
-    picks = [record.answer_trajectory_ids.index(choose_states(record, np.random.default_rng(i), "global")[0])
-             for i in range(4000)]
+    picks = [pick_states(record, np.random.default_rng(i))[0] for i in range(4000)]
     assert np.bincount(picks, minlength=5)[4] == 0
     np.testing.assert_allclose(np.bincount(picks, minlength=5)[:4] / 4000, 0.25, atol=0.03)
     for i in range(4):  # local: the target is the next state
-        state, target = choose_states(record, np.random.default_rng(i), "local")
+        [(state, target)] = state_pairs(record, pick_states(record, np.random.default_rng(i)), "local")
         assert record.answer_trajectory_ids.index(target) == record.answer_trajectory_ids.index(state) + 1
-    source = DataSource([record] * 3, BatchSpec(pad_multiple=8))
+    source = DataSource([record] * 3, BatchSpec(pad_multiple=8, **TODAY))
     a, b = source.batch(0, 0, (1, 3)), source.batch(0, 0, (1, 3))
     assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
 
@@ -161,18 +165,18 @@ def reference_record_loss(model, record, student, target, ar_ids, eps=0.1):
 def test_batch_loss_matches_reference_computation(consistency, ar_source):
     rng = np.random.default_rng(2)
     records = [make_record(rng, i, plen) for i, plen in enumerate([5, 9, 3])]
-    spec = BatchSpec(consistency=consistency, ar_source=ar_source, pad_multiple=8, seed=3, shuffle=False)
+    spec = BatchSpec(consistency=consistency, ar_source=ar_source, pad_multiple=8, seed=3, shuffle=False, **TODAY)
     hb = DataSource(records, spec).batch(0, 0, (1, 3))
     model = Llama(TINY, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
     denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
-    options = StepOptions(consistency=consistency, shared_target=spec.shared_target, remat=False)
+    options = StepOptions(consistency=consistency, shared_target=spec.shared_target, remat=False, label_smoothing=0.1)
     total, (cons, ar) = jax.jit(lambda p: micro_loss(p, graphdef, micro, denoms, options))(params)
 
     sums = np.zeros(4)
     for i, record in enumerate(records):
-        student, target = choose_states(record, np.random.default_rng([3, 0, i, 0]), consistency)
+        [(student, target)] = chosen_pairs(record, np.random.default_rng([3, 0, i, 0]), spec)
         ar_ids = record.teacher_output_ids if ar_source == "teacher" else record.labels_ids
         sums += reference_record_loss(model, record, student, target, ar_ids)
     np.testing.assert_allclose(float(cons), sums[0] / sums[1], rtol=2e-5)
@@ -212,16 +216,19 @@ def _loss_and_grad(records, spec, params, graphdef, options, shape):
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("consistency,ar_source", [("global", "teacher"), ("global", "labels"),
-                                                   ("local", "teacher"), ("local", "labels")])
-def test_packed_equals_per_record_for_single_blocks(consistency, ar_source):
+@pytest.mark.parametrize("consistency,ar_source,recipe", [
+    ("global", "teacher", TODAY), ("global", "labels", TODAY), ("local", "teacher", TODAY),
+    ("local", "labels", TODAY), ("global", "teacher", {}), ("global", "labels", {}),
+    ("local", "teacher", {"context": "clean"})])
+def test_packed_equals_per_record_for_single_blocks(consistency, ar_source, recipe):
     """One block per prompt: the packed row computes exactly the per-record losses and gradients."""
     rng = np.random.default_rng(5)
     records = [make_record(rng, i, plen) for i, plen in enumerate([4, 8, 6])]
     graphdef, params = nnx.split(Llama(TINY, rngs=nnx.Rngs(2)))
     out = {}
     for layout in ("per_record", "packed"):
-        spec = BatchSpec(layout=layout, consistency=consistency, ar_source=ar_source, pad_multiple=16, shuffle=False)
+        spec = BatchSpec(layout=layout, consistency=consistency, ar_source=ar_source, pad_multiple=16,
+                         shuffle=False, **recipe)
         options = StepOptions(layout=layout, consistency=consistency, shared_target=spec.shared_target)
         out[layout] = _loss_and_grad(records, spec, params, graphdef, options, (1, 3))
     (loss_a, terms_a), grad_a = out["per_record"]
@@ -242,9 +249,9 @@ def test_packed_prompt_of_several_blocks_matches_per_record_consistency():
                                         r.teacher_output_ids))
         prompt = r.teacher_output_ids
     graphdef, params = nnx.split(Llama(TINY, rngs=nnx.Rngs(3)))
-    per_record = _loss_and_grad(records, BatchSpec(pad_multiple=8, shuffle=False), params, graphdef,
+    per_record = _loss_and_grad(records, BatchSpec(pad_multiple=8, shuffle=False, **TODAY), params, graphdef,
                                 StepOptions(), (1, 3))
-    packed_spec = BatchSpec(layout="packed", pad_multiple=8, shuffle=False)
+    packed_spec = BatchSpec(layout="packed", pad_multiple=8, shuffle=False, **TODAY)
     assert len(DataSource(records, packed_spec)) == 1
     packed = _loss_and_grad(records, packed_spec, params, graphdef, StepOptions(layout="packed"), (1, 1))
     np.testing.assert_allclose(float(per_record[0][1][0]), float(packed[0][1][0]), rtol=2e-5)

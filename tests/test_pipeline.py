@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from cllm_jax.evaluate.pipeline import load_pipeline_config, run_pipeline
@@ -16,21 +17,29 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     recipe["train"]["optim"] |= {"max_steps": 3}
     recipe["train"]["checkpoint"] |= {"every": 2, "asynchronous": False}
     recipe["train"]["log"] |= {"progress": False}
-    recipe["evaluate"] |= {"limit": 2, "max_new_tokens": 12, "block_size": 4}
+    recipe["evaluate"] |= {"limit": 2, "max_new_tokens": 12, "block_size": 4, "block_sizes": [2, 4], "recycle": 2}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     messages = []
     report = run_pipeline(load_pipeline_config(path), say=messages.append)
 
     methods = report["methods"]
-    assert len(methods) == 6
+    # AR; per size: Jacobi on the base, Jacobi, rolling, multiblock, multiblock + recycling on the CLLM; transformers x 2
+    assert len(methods) == 13
     for name, m in methods.items():
-        assert set(m) == {"tpf", "tokens_per_second", "speedup", "accuracy", "agreement"}
-        assert m["tokens_per_second"] > 0
+        assert set(m) == {"tpf", "tokens_per_second", "speedup", "accuracy", "agreement", "base_nll_ratio",
+                          "block_size"}
+        assert m["tokens_per_second"] > 0 and m["base_nll_ratio"] > 0
     assert methods["ar (base)"]["tpf"] == 1.0 and methods["ar (base)"]["speedup"] == 1.0
-    # the same base weights: Jacobi and transformers' greedy reproduce our AR exactly
-    for name in ("jacobi (base)", "transformers generate (base)"):
+    assert methods["ar (base)"]["base_nll_ratio"] == 1.0 and methods["ar (base)"]["block_size"] is None
+    # the same base weights: Jacobi and transformers' greedy reproduce our AR exactly, so the same NLL
+    for name in ("jacobi (base) n=2", "jacobi (base) n=4", "transformers generate (base)"):
         assert methods[name]["agreement"]["generation"] == 1.0
+        assert methods[name]["base_nll_ratio"] == pytest.approx(1.0)
+    # every method on the CLLM is greedy on one model: one text, one ratio
+    cllm = [m for name, m in methods.items() if "(cllm)" in name]
+    assert len(cllm) == 8 and {m["block_size"] for m in cllm} == {2, 4}
+    assert all(m["base_nll_ratio"] == pytest.approx(cllm[0]["base_nll_ratio"]) for m in cllm)
     for name in ("report.md", "report.json", "speedup.png", "tpf_distribution.png", "trajectory.png", "config.yaml"):
         assert (tmp_path / "report" / name).is_file(), name
     assert json.loads((tmp_path / "report" / "report.json").read_text())["methods"] == methods

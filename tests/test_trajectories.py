@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cllm_jax.data.trajectories import (SUMMARY_FILE, TRAJECTORIES_FILE, TrajectoryRecord, TrajectoryWriter,
-                                        augment_trajectory, drop_repetitive, has_repetition, merge_shards,
-                                        prompt_rng, read_trajectories, shard_examples)
+from cllm_jax.data.trajectories import (LEGACY_FORMAT, PROGRESS_FILE, SUMMARY_FILE, TRAJECTORIES_FILE,
+                                        TrajectoryRecord, TrajectoryWriter, augment_trajectory, drop_repetitive,
+                                        has_repetition, merge_shards, prompt_rng, read_trajectories,
+                                        shard_examples)
 from cllm_jax.errors import ConfigError, DataError
 
 FIXTURE = Path(__file__).parent / "data" / "reference_trajectories.json"
@@ -176,11 +177,21 @@ def test_drop_repetitive_looks_at_the_output_only():
 
 # ------------------------------------------------------------------ writer, resume
 
+# The reference schema, written out independently of the code: what a plain JSON-lines reader must find.
+REFERENCE_KEYS = {"data_id", "jacobian_itr_id", "prompt_ids_len", "prompt_ids", "answer_trajectory_ids",
+                  "teacher_output_ids", "complete_teacher_output_ids"}
+
+
 def test_uninterrupted_run_layout(tmp_path):
     collect(tmp_path / "a", EXAMPLES)
     lines = (tmp_path / "a" / TRAJECTORIES_FILE).read_text().splitlines()
-    assert len(lines) == 7 * 4
-    assert json.loads(lines[3]) == {"done": "p0", "index": 0, "records": 3, "dropped": 0}
+    rows = [json.loads(line) for line in lines]  # a plain JSON-lines reader, as pandas or datasets would
+    assert len(rows) == 7 * 3 and all(set(row) == REFERENCE_KEYS for row in rows)
+    assert [(r["data_id"], r["jacobian_itr_id"]) for r in rows[:4]] == [("p0", 0), ("p0", 1), ("p0", 2), ("p1", 0)]
+    progress = [json.loads(line) for line in (tmp_path / "a" / PROGRESS_FILE).read_text().splitlines()]
+    first_prompt = sum(len(line) + 1 for line in lines[:3])
+    assert progress[0] == {"done": "p0", "index": 0, "records": 3, "dropped": 0, "end": first_prompt}
+    assert [p["done"] for p in progress] == EXAMPLES
     summary = json.loads((tmp_path / "a" / SUMMARY_FILE).read_text())
     assert summary["complete"] and summary["fingerprint"] == FP and summary["shard"] is None
     assert summary["counts"] == {"prompts": 7, "records": 21, "dropped_repetitive": 0}
@@ -189,32 +200,49 @@ def test_uninterrupted_run_layout(tmp_path):
     assert recs[0] == fake_prompt_records(0, "p0")[0]
 
 
-@pytest.mark.parametrize("torn", ["half_line", "partial_prompt", "marker_without_newline"])
-def test_kill_and_resume_gives_identical_file(tmp_path, torn):
+def record_bytes(index, data_id):
+    return b"".join(json.dumps(r.to_json(), separators=(",", ":")).encode() + b"\n"
+                    for r in fake_prompt_records(index, data_id))
+
+
+@pytest.mark.parametrize("torn", ["half_line", "records_without_progress", "progress_without_newline"])
+def test_kill_and_resume_gives_identical_files(tmp_path, torn):
     collect(tmp_path / "ref", EXAMPLES)
-    expected = (tmp_path / "ref" / TRAJECTORIES_FILE).read_bytes()
+    expected = {name: (tmp_path / "ref" / name).read_bytes() for name in (TRAJECTORIES_FILE, PROGRESS_FILE)}
 
     run = tmp_path / "run"
     collect(run, EXAMPLES, stop_after=3)  # killed after three prompts ...
-    path = run / TRAJECTORIES_FILE
-    group = b"".join(json.dumps(r.to_json(), separators=(",", ":")).encode() + b"\n"
-                     for r in fake_prompt_records(3, "p3"))
-    marker = b'{"done":"p3","index":3,"records":3,"dropped":0}'
-    tail = {"half_line": group[:len(group) // 2],  # ... in the middle of the fourth prompt's write
-            "partial_prompt": group,  # all record lines landed, the marker did not
-            "marker_without_newline": group + marker}[torn]
+    path, progress = run / TRAJECTORIES_FILE, run / PROGRESS_FILE
+    group = record_bytes(3, "p3")
+    end = path.stat().st_size + len(group)
+    data_tail, progress_tail = {  # ... in the middle of the fourth prompt's writes
+        "half_line": (group[: len(group) // 2], b""),
+        "records_without_progress": (group, b""),
+        "progress_without_newline": (group, b'{"done":"p3","index":3,"records":3,"dropped":0,"end":%d}' % end),
+    }[torn]
     with open(path, "ab") as f:
-        f.write(tail)
+        f.write(data_tail)
+    with open(progress, "ab") as f:
+        f.write(progress_tail)
 
     w = TrajectoryWriter(run, FP)
-    assert w.done_ids == {"p0", "p1", "p2"} and w.repaired_bytes == len(tail)
-    assert path.read_bytes() == expected[:path.stat().st_size]
+    assert w.done_ids == {"p0", "p1", "p2"} and w.repaired_bytes == len(data_tail) + len(progress_tail)
+    for name, data in expected.items():
+        assert (run / name).read_bytes() == data[: (run / name).stat().st_size]
     w.close()
     assert collect(run, EXAMPLES) == {"p0", "p1", "p2"}
-    assert path.read_bytes() == expected
+    for name, data in expected.items():
+        assert (run / name).read_bytes() == data
     assert (run / SUMMARY_FILE).read_bytes() == (tmp_path / "ref" / SUMMARY_FILE).read_bytes()
     assert collect(run, EXAMPLES) == set(EXAMPLES)  # a finished run resumes to a no-op
-    assert path.read_bytes() == expected
+    assert path.read_bytes() == expected[TRAJECTORIES_FILE]
+
+
+def test_reader_stops_at_the_last_finished_prompt(tmp_path):
+    collect(tmp_path, EXAMPLES, stop_after=2)
+    with open(tmp_path / TRAJECTORIES_FILE, "ab") as f:
+        f.write(record_bytes(2, "p2")[:50])  # a killed run's torn tail
+    assert [r.data_id for r in read_trajectories(tmp_path)] == ["p0"] * 3 + ["p1"] * 3
 
 
 KILL_SCRIPT = """
@@ -236,7 +264,8 @@ def test_real_kill_9_then_resume(tmp_path):
     proc.kill()  # SIGKILL, wherever it is
     proc.wait()
     collect(run, examples)
-    assert path.read_bytes() == (tmp_path / "ref" / TRAJECTORIES_FILE).read_bytes()
+    for name in (TRAJECTORIES_FILE, PROGRESS_FILE):
+        assert (run / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
 
 def test_one_writer_per_directory(tmp_path):
@@ -272,10 +301,55 @@ def test_corruption_inside_completed_prompts_is_an_error(tmp_path):
     collect(tmp_path, EXAMPLES[:3])
     path = tmp_path / TRAJECTORIES_FILE
     lines = path.read_bytes().split(b"\n")
-    lines[1] = lines[1][:20]
+    lines[1] = lines[1][:20] + b"#" * (len(lines[1]) - 20)  # damaged in place, same length
     path.write_bytes(b"\n".join(lines))
-    with pytest.raises(DataError, match=rf"{path}:2: corrupt line"):
+    with pytest.raises(DataError, match=rf"{path}: bytes 0-\d+ do not hold the 3 records of prompt 'p0'"):
         TrajectoryWriter(tmp_path, FP)
+    progress = tmp_path / PROGRESS_FILE
+    lines = progress.read_bytes().split(b"\n")
+    progress.write_bytes(b"\n".join([lines[0][:10]] + lines[1:]))
+    with pytest.raises(DataError, match=rf"{progress}:1: corrupt line"):
+        TrajectoryWriter(tmp_path, FP)
+
+
+def test_truncated_data_file_is_an_error_not_a_silent_redo(tmp_path):
+    collect(tmp_path, EXAMPLES[:3])
+    path = tmp_path / TRAJECTORIES_FILE
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated or replaced"):
+        TrajectoryWriter(tmp_path, FP)
+
+
+# ------------------------------------------------------------------ format /1 (progress lines inline)
+
+def legacy_collection(out_dir, examples, stop_after=None, torn=b""):
+    """A directory as the collector wrote it before the split: markers inline, summary format /1."""
+    out_dir.mkdir(parents=True)
+    data = b""
+    for n, (i, data_id) in enumerate(shard_examples(examples, 0, 1)):
+        if n == stop_after:
+            break
+        data += record_bytes(i, data_id) + json.dumps(
+            {"done": data_id, "index": i, "records": 3, "dropped": 0}, separators=(",", ":")).encode() + b"\n"
+    (out_dir / TRAJECTORIES_FILE).write_bytes(data + torn)
+    done = len(examples) if stop_after is None else stop_after
+    summary = {"format": LEGACY_FORMAT, "fingerprint": FP, "shard": None, "complete": stop_after is None,
+               "counts": {"prompts": done, "records": 3 * done, "dropped_repetitive": 0}}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return data
+
+
+def test_legacy_directory_is_read_and_resumed_in_its_format(tmp_path):
+    whole = legacy_collection(tmp_path / "whole", EXAMPLES)
+    assert list(read_trajectories(tmp_path / "whole")) == [r for i, p in enumerate(EXAMPLES)
+                                                           for r in fake_prompt_records(i, p)]
+    legacy_collection(tmp_path / "run", EXAMPLES, stop_after=3, torn=record_bytes(3, "p3")[:70])
+    assert collect(tmp_path / "run", EXAMPLES) == {"p0", "p1", "p2"}
+    assert (tmp_path / "run" / TRAJECTORIES_FILE).read_bytes() == whole
+    assert not (tmp_path / "run" / PROGRESS_FILE).exists()
+    assert (tmp_path / "run" / SUMMARY_FILE).read_bytes() == (tmp_path / "whole" / SUMMARY_FILE).read_bytes()
+    collect(tmp_path / "new", EXAMPLES)  # the same records as a format /2 run
+    assert list(read_trajectories(tmp_path / "new")) == list(read_trajectories(tmp_path / "run"))
 
 
 # ------------------------------------------------------------------ shards
@@ -295,7 +369,7 @@ def test_merge_equals_unsharded_byte_for_byte(tmp_path):
     for i in (2, 0, 1):
         collect(shards[i], EXAMPLES, shard=(i, 3))  # ... and resumed
     summary = merge_shards(reversed(shards), tmp_path / "merged")
-    for name in (TRAJECTORIES_FILE, SUMMARY_FILE):
+    for name in (TRAJECTORIES_FILE, PROGRESS_FILE, SUMMARY_FILE):
         assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert summary["counts"]["prompts"] == 7
     with pytest.raises(DataError, match="already holds"):
@@ -317,3 +391,18 @@ def test_merge_refuses_incomplete_missing_or_mixed_shards(tmp_path):
     with pytest.raises(DataError, match="other settings"):
         merge_shards([shards[0], other], tmp_path / "m3")
     merge_shards(shards, tmp_path / "m4")
+
+
+def test_legacy_shards_merge_into_the_new_layout(tmp_path):
+    collect(tmp_path / "whole", EXAMPLES)
+    shards = [tmp_path / f"s{i}" for i in range(2)]
+    for i, shard in enumerate(shards):  # shards begun by the old collector: its summary, no records yet
+        shard.mkdir()
+        summary = {"format": LEGACY_FORMAT, "fingerprint": FP, "shard": {"index": i, "count": 2}, "complete": False,
+                   "counts": {"prompts": 0, "records": 0, "dropped_repetitive": 0}}  # fmt: skip
+        (shard / SUMMARY_FILE).write_text(json.dumps(summary))
+        collect(shard, EXAMPLES, shard=(i, 2))  # resumed by the new code: still in format /1
+        assert b'"done"' in (shard / TRAJECTORIES_FILE).read_bytes() and not (shard / PROGRESS_FILE).exists()
+    merge_shards(shards, tmp_path / "merged")
+    for name in (TRAJECTORIES_FILE, PROGRESS_FILE, SUMMARY_FILE):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

@@ -16,18 +16,16 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from cllm_jax.data.augment import augment_trajectory, prompt_rng
+from cllm_jax.data.cleaning import drop_repetitive
 from cllm_jax.data.prompts import PromptExample
-from cllm_jax.data.trajectories import (
-    TrajectoryRecord,
-    TrajectoryWriter,
-    augment_trajectory,
-    drop_repetitive,
-    prompt_rng,
-    read_summary,
-    read_trajectories,
-    shard_examples,
-)
+from cllm_jax.data.reading import read_trajectories
+from cllm_jax.data.records import TrajectoryRecord
+from cllm_jax.data.shards import shard_examples
+from cllm_jax.data.storage import read_summary
+from cllm_jax.data.writer import TrajectoryWriter
 from cllm_jax.decode.engine import Decoder, DecodeSettings, Generation
+from cllm_jax.errors import ConfigError, DataError
 from cllm_jax.weights.load import LoadedModel
 
 
@@ -43,6 +41,12 @@ class CollectOptions:
     chat: bool = True
     seed: int = 0
     batch_size: int = 4
+
+    def __post_init__(self):
+        for name in ("block_size", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:  # 0 would write an empty collection and call it complete
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be at least 1, got {getattr(self, name)}")
 
 
 def model_fingerprint(loaded: LoadedModel) -> dict:
@@ -100,6 +104,9 @@ def collect(
     multi-process JAX run (jax.distributed) shards by process. `on_batch(results, prompts_left)` is
     called after every batch, for progress display.
     """
+    if not examples:
+        raise DataError(f"{source} holds no prompts: nothing to collect (the directory is not marked "
+                        f"complete); give a prompt file with one {{\"prompt\": ...}} per line")
     if shard is None and jax.process_count() > 1:
         shard = (jax.process_index(), jax.process_count())
     index, count = shard or (0, 1)

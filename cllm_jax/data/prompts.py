@@ -247,6 +247,9 @@ def jsonl_file(path: str | Path, prompt_field: str = "prompt", answer_field: str
             seen.add(data_id)
             index += 1
             yield PromptExample(data_id, prompt, answer)
+    if index == 0:
+        raise DataError(f"{path} is empty (no prompt lines); write one JSON object per line such as "
+                        f"{{\"{prompt_field}\": \"...\"}}")
 
 
 # ---------------------------------------------------------------------------------------- dispatch

@@ -16,13 +16,14 @@ import numpy as np
 
 from cllm_jax.decode.autoregressive import AROptions, DecodeOutput, generate_autoregressive
 from cllm_jax.decode.jacobi import JacobiOptions, generate_jacobi
+from cllm_jax.decode.multiblock import MultiblockOptions, generate_multiblock
 from cllm_jax.decode.prefill import cache_length_for, make_prompt_batch
 from cllm_jax.decode.rolling import generate_rolling_jacobi
 from cllm_jax.decode.sampling import Sampling
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
 
-METHODS = ("ar", "jacobi", "jacobi-rolling")
+METHODS = ("ar", "jacobi", "jacobi-rolling", "jacobi-multiblock")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +38,32 @@ class DecodeSettings:
     batch_size: int = 1
     record: bool = False
     seed: int = 0
+    blocks: int = 2  # jacobi-multiblock: K blocks in flight
+    spawn_ratio: float = 0.85  # jacobi-multiblock: spawn a block when the newest has ceil(r * n) accepted
+    recycle: int = 0  # jacobi-rolling / jacobi-multiblock: rejected tails verified per pass (0: off)
 
-    def options(self) -> AROptions | JacobiOptions:
+    @property
+    def multiblock(self) -> bool:
+        # Rolling Jacobi with recycling is multiblock decoding with one block (identical otherwise).
+        return self.method == "jacobi-multiblock" or (self.method == "jacobi-rolling" and self.recycle > 0)
+
+    def options(self) -> AROptions | JacobiOptions | MultiblockOptions:
         if self.method == "ar":
             return AROptions(self.max_new_tokens, self.eos_id, self.sampling)
-        return JacobiOptions(
+        jacobi = JacobiOptions(
             self.max_new_tokens, self.block_size, self.init, self.eos_id, self.pad_id, self.sampling,
             self.record and self.method == "jacobi",
         )  # fmt: skip
+        if self.multiblock:
+            blocks = self.blocks if self.method == "jacobi-multiblock" else 1
+            return MultiblockOptions(jacobi, blocks, self.spawn_ratio, self.recycle)
+        return jacobi
 
     @property
     def lookahead(self) -> int:
-        return 1 if self.method == "ar" else self.block_size
+        if self.method == "ar":
+            return 1
+        return self.block_size * (self.blocks if self.method == "jacobi-multiblock" else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +94,8 @@ class Generation:
 def _strategy(method: str) -> Callable[..., DecodeOutput]:
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    return {"ar": generate_autoregressive, "jacobi": generate_jacobi, "jacobi-rolling": generate_rolling_jacobi}[method]
+    return {"ar": generate_autoregressive, "jacobi": generate_jacobi, "jacobi-rolling": generate_rolling_jacobi,
+            "jacobi-multiblock": generate_multiblock}[method]  # fmt: skip
 
 
 class Decoder:
@@ -102,7 +118,7 @@ class Decoder:
         return shape, args
 
     def _run(self, batch, key) -> tuple[DecodeOutput, float, float]:
-        fn = _strategy(self.settings.method)
+        fn = _strategy("jacobi-multiblock" if self.settings.multiblock else self.settings.method)
         shape, args = self._arguments(batch, key)
         signature = (batch.tokens.shape, shape)
         compile_seconds = 0.0

@@ -22,7 +22,8 @@ import yaml
 from cllm_jax.data.collect import CollectOptions, collect
 from cllm_jax.data.prompts import load_prompts
 from cllm_jax.errors import ConfigError
-from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict
+from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict, unknown_key
+from cllm_jax.train.rounds import SecondRound, parse_second_round, run_second_round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class EvaluateStage:
     block_size: int = 16
     prompt_lookup_num_tokens: int = 10
     include_transformers: bool = True
+    block_sizes: list[int] | None = None  # every Jacobi method at each n, e.g. [8, 16] (default: block_size)
+    blocks: int = 2  # multiblock: K blocks in flight
+    spawn_ratio: float = 0.85
+    recycle: int = 4  # multiblock + recycling: the pool of rejected tails (0: leave that method out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,7 @@ class PipelineConfig:
     train: TrainConfig
     evaluate: EvaluateStage
     source: dict  # the YAML as written, saved with the report
+    second_round: SecondRound | None = None  # collect again with the trained model, train on (train/rounds.py)
 
     @property
     def trajectories_dir(self) -> Path:
@@ -61,12 +67,13 @@ class PipelineConfig:
         return self.run_dir / "train"
 
 
-def _section(cls, values: dict | None, name: str):
+def _section(cls, values: dict | None, name: str, also_valid: tuple[str, ...] = ()):
+    """`cls` built from a section's values; `also_valid`: keys the caller took out before."""
     values = dict(values or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown key {name}.{unknown[0]} (valid: {', '.join(sorted(names))})")
+        raise unknown_key(unknown[0], names | set(also_valid), name)
     return cls(**values)
 
 
@@ -81,7 +88,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> Pipelin
     collect_stage = CollectStage(
         dataset=collect_values.pop("dataset", "gsm8k"),
         limit=collect_values.pop("limit", None),
-        options=_section(CollectOptions, collect_values, "collect"),
+        options=_section(CollectOptions, collect_values, "collect", also_valid=("dataset", "limit")),
     )
     if collect_stage.dataset == "gsm8k-eval":
         raise ConfigError("collect.dataset must not be the held-out gsm8k-eval split")
@@ -98,6 +105,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> Pipelin
         train=config_from_dict(train_values),
         evaluate=_section(EvaluateStage, values.get("evaluate"), "evaluate"),
         source=values,
+        second_round=parse_second_round(values.get("second_round"), run_dir, values.get("collect"), train_values),
     )
 
 
@@ -122,6 +130,8 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_b
         say(f"[2/4] train -> {config.train_dir}")
         train_run(config.train)
     cllm = load_model(config.train_dir)
+    if config.second_round is not None:
+        cllm = run_second_round(config.second_round, cllm, say, on_batch)
 
     evaluation_file = config.run_dir / "evaluation.json"
     held_out = load_prompts(config.evaluate.dataset, limit=config.evaluate.limit)
@@ -131,7 +141,8 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_b
     else:
         e = config.evaluate
         prompts = [base.tokenizer.chat_ids(x.prompt) for x in held_out]
-        settings = EvalSettings(e.max_new_tokens, e.block_size, e.prompt_lookup_num_tokens, e.include_transformers)
+        settings = EvalSettings(e.max_new_tokens, e.block_size, e.prompt_lookup_num_tokens, e.include_transformers,
+                                tuple(e.block_sizes or ()), e.blocks, e.spawn_ratio, e.recycle)  # fmt: skip
         runs = run_methods(base, cllm, prompts, settings, progress=lambda name: say(f"[3/4] evaluate: {name}"))
         evaluation = {
             "methods": score(runs, held_out, base.tokenizer.decode),

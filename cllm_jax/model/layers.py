@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cllm_jax.config import ModelConfig
+from cllm_jax.errors import ConfigError
 
 MASK_VALUE = -1e30  # finite, so a fully masked row (a padded query) gives a uniform row, never NaN
 
@@ -73,6 +74,69 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, time, heads, dim)
+
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product", "cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str = "xla",
+              causal: bool = False) -> jax.Array:
+    """Attention by the configured implementation; same shapes and semantics as `grouped_attention`.
+
+    "dot_product" and "cudnn" call jax.nn.dot_product_attention (GQA native). "cudnn" asks for cuDNN's
+    fused kernel always (it fails where cuDNN cannot run: CPU, fp32, head_dim not a multiple of 8);
+    "dot_product" asks for it where it can run and the pass has several queries (training, prefill,
+    Jacobi blocks), else takes JAX's XLA implementation. `causal` (a plain lower-triangular mask
+    over the T tokens) is passed as is_causal instead of a mask array: cuDNN's fastest form.
+    """
+    if mask is None and not causal:
+        raise ConfigError("attention needs a mask or causal=True")
+    if implementation == "xla":
+        if mask is None:
+            time = q.shape[1]
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((time, time), bool)), (q.shape[0], time, time))
+        return grouped_attention(q, k, v, mask)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    impl = "cudnn" if implementation == "cudnn" or _cudnn_can_run(q) else "xla"
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if causal else mask[:, None, :, :], is_causal=causal, implementation=impl)
+
+
+def _cudnn_can_run(q: jax.Array) -> bool:
+    dim = q.shape[-1]
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and dim % 8 == 0
+            and dim <= 128 and q.shape[1] > 1)
+
+
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy_name(remat: bool | str | None) -> str:
+    """`remat` as one of REMAT_POLICIES; True/False are the old boolean spelling (full/none)."""
+    if remat is None or remat is False:
+        return "none"
+    if remat is True:
+        return "full"
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)} (or true/false)")
+    return remat
+
+
+def rematerialize(fn, remat: bool | str | None):
+    """`fn` under jax.checkpoint as the policy says.
+
+    full: keep only the layer's inputs, recompute everything in the backward pass (least memory).
+    dots: also keep the results of matmuls without batch dimensions (the projections and the MLP),
+    recompute the cheap elementwise work and the attention: most of full's saving at a fraction of
+    its recomputation, the usual choice on accelerators.
+    """
+    name = remat_policy_name(remat)
+    if name == "none":
+        return fn
+    if name == "full":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 def swiglu_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

@@ -1,19 +1,37 @@
 """The LLaMA family (LLaMA 1-3, SmolLM, Mistral without sliding window, Qwen2) as one Flax NNX module.
 
-Layer parameters are stacked along a leading `layers` axis and the decoder runs as one `lax.scan`:
-XLA compiles a single layer body instead of 30 copies, which keeps CPU compile times to seconds.
-Linear weights are stored [in, out] so a projection is `x @ w`.
+One decoder layer (`decoder_layer`), run by one of two loops (`ModelConfig.layer_loop`):
+- "scan": `lax.scan` over weights stacked along a leading `layers` axis. XLA compiles one layer
+  body instead of 30 copies: seconds of compile time on a CPU, and the fastest for small models on a
+  GPU (few kernel launches). But each step slices its layer's weights and cache out of the stacked
+  buffers, which at 7B costs more than the matmuls.
+- "per_layer": a Python loop, so XLA sees each layer as straight-line code. With per-layer weight and
+  cache arrays (`unstack_layers`, the decoding layout) nothing is sliced: the fastest at 7B on a GPU.
+
+The stacked layout is canonical: training states, checkpoints and sharding rules use it, whatever
+the loop (with stacked weights the per-layer loop takes static slices inside the jitted function),
+so a checkpoint restores under either loop. Linear weights are stored [in, out]: `x @ w`.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cllm_jax.config import ModelConfig
+from cllm_jax.errors import ConfigError
 from cllm_jax.model import layers as L
 from cllm_jax.model.kv_cache import KVCache, causal_mask
+
+LAYER_LOOPS = ("scan", "per_layer")
+# "auto" picks per_layer on an accelerator from this many parameters. Measured on one H200 (bf16,
+# one token against a 512-slot cache): 135M scan 1.4 ms vs per-layer 2.9 ms (launch-bound), 7B scan
+# 11.7 ms vs per-layer 4.65 ms (slice-bound); the crossing is estimated near 1B (slice cost grows
+# with the weight bytes, launch cost with the layer count). benchmarks/accelerator.py measures both.
+PER_LAYER_MIN_PARAMS = 1_000_000_000
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -36,34 +54,183 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def param_count(config: ModelConfig) -> int:
+    layer = sum(math.prod(s) for s in layer_param_shapes(config).values())
+    head = 0 if config.tie_word_embeddings else config.hidden_size * config.vocab_size
+    return config.vocab_size * config.hidden_size + head + config.num_layers * layer + config.hidden_size
+
+
+def resolve_layer_loop(choice: str, config: ModelConfig, backend: str | None = None) -> str:
+    """"scan" or "per_layer" for a choice of auto|scan|per_layer: auto = scan on a CPU (compile
+    time), and on an accelerator per_layer from PER_LAYER_MIN_PARAMS parameters."""
+    if choice in LAYER_LOOPS:
+        return choice
+    if choice != "auto":
+        raise ConfigError(f"layer loop {choice!r} is not one of auto, {', '.join(LAYER_LOOPS)}")
+    if (backend or jax.default_backend()) == "cpu":
+        return "scan"
+    return "per_layer" if param_count(config) >= PER_LAYER_MIN_PARAMS else "scan"
+
+
+def _init_value(name: str, shape, dtype, rngs: nnx.Rngs) -> jax.Array:
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.endswith("bias"):
+        return jnp.zeros(shape, dtype)
+    return nnx.initializers.normal(0.02)(rngs.params(), shape, dtype)
+
+
 class DecoderStack(nnx.Module):
-    """All decoder layers' weights, each an nnx.Param of shape [num_layers, ...]."""
+    """All decoder layers' weights, each an nnx.Param of shape [num_layers, ...] (canonical layout)."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.param_dtype)
-        init = nnx.initializers.normal(0.02)
         self.names = tuple(layer_param_shapes(config))
         for name, shape in layer_param_shapes(config).items():
-            full = (config.num_layers, *shape)
-            if name.endswith("norm"):
-                value = jnp.ones(full, dtype)
-            elif name.endswith("bias"):
-                value = jnp.zeros(full, dtype)
-            else:
-                value = init(rngs.params(), full, dtype)
-            setattr(self, name, nnx.Param(value))
+            setattr(self, name, nnx.Param(_init_value(name, (config.num_layers, *shape), dtype, rngs)))
 
     def stacked(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
 
+    def layer(self, index: int) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...][index] for name in self.names}
+
+    def __len__(self) -> int:
+        return getattr(self, self.names[0]).shape[0]
+
+
+class LayerWeights(nnx.Module):
+    """One decoder layer's weights as separate arrays (the per-layer layout's element)."""
+
+    def __init__(self, values: dict[str, jax.Array]):
+        self.names = tuple(values)
+        for name, value in values.items():
+            setattr(self, name, nnx.Param(value))
+
+    def params(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+def is_stacked(model: "Llama") -> bool:
+    return isinstance(model.layers, DecoderStack)
+
+
+def layer_arrays(model: "Llama") -> list[dict[str, jax.Array]]:
+    """Every layer's weights as a dict of arrays, whatever the storage (slices when stacked)."""
+    if is_stacked(model):
+        return [model.layers.layer(i) for i in range(model.config.num_layers)]
+    return [layer.params() for layer in model.layers]
+
+
+def unstack_layers(model: "Llama") -> "Llama":
+    """Switch `model` (in place) to per-layer weight arrays and the per_layer loop; returns it.
+
+    Each stacked parameter is released once sliced, so the peak is one stacked parameter above the
+    model, not the model twice.
+    """
+    if is_stacked(model):
+        stack = model.layers
+        per_layer = [{} for _ in range(model.config.num_layers)]
+        for name in stack.names:
+            value = getattr(stack, name)[...]
+            for i in range(len(per_layer)):
+                per_layer[i][name] = value[i]
+            delattr(stack, name)
+            del value
+        model.layers = nnx.List([LayerWeights(values) for values in per_layer])
+    model.config = model.config.replace(layer_loop="per_layer")
+    return model
+
+
+def stack_layers(model: "Llama", layer_loop: str = "scan") -> "Llama":
+    """Switch `model` (in place) to the canonical stacked weights, running `layer_loop`; returns it."""
+    if not is_stacked(model):
+        arrays = layer_arrays(model)
+        stack = nnx.eval_shape(lambda: DecoderStack(model.config, nnx.Rngs(0)))
+        for name in stack.names:
+            setattr(stack, name, nnx.Param(jnp.stack([a[name] for a in arrays])))
+        model.layers = stack
+    model.config = model.config.replace(layer_loop=layer_loop)
+    return model
+
+
+def cast_matrices(model: "Llama", dtype) -> "Llama":
+    """Store every weight matrix (embedding, projections, head) in `dtype`, in place; returns the model.
+
+    For decoding in a half dtype: the forward casts each matrix to the compute dtype before use, so
+    stored in it the outputs are bit-identical and a decoding step (memory-bound) reads half the
+    bytes. Norms and biases keep their dtype (the norms are applied in fp32). Not for training:
+    its parameters and optimizer state stay fp32.
+    """
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 else x, state))
+    return model
+
+
+def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                  mask: jax.Array | None, positions: jax.Array, kv=None):
+    """One pre-norm LLaMA decoder layer: (x, updated kv).
+
+    kv is None (no cache: the T tokens attend to each other under `mask`; None mask = causal) or
+    (keys, values, index): the layer's own [B, S, KV, D] buffers (index None) or the stacked
+    [L, B, S, KV, D] buffers and this layer's index. The new keys/values are scattered to slots
+    `positions` (past the end: dropped) before the queries attend, so a block sees itself.
+    """
+    dtype = config.compute_dtype
+    batch, time = x.shape[:2]
+
+    def project(h, name, heads):
+        out = h @ params[f"{name}_proj"].astype(dtype)
+        if config.attention_bias:
+            out = out + params[f"{name}_bias"].astype(dtype)
+        return out.reshape(batch, time, heads, config.head_dim)
+
+    h = L.rms_norm(x, params["attn_norm"], config.rms_norm_eps).astype(dtype)
+    q = L.apply_rope(project(h, "q", config.num_heads), cos, sin)
+    k = L.apply_rope(project(h, "k", config.num_kv_heads), cos, sin)
+    v = project(h, "v", config.num_kv_heads)
+    if kv is not None:
+        keys, values, index = kv
+        rows = jnp.arange(batch)[:, None]
+        if index is None:
+            keys = keys.at[rows, positions].set(k.astype(keys.dtype), mode="drop")
+            values = values.at[rows, positions].set(v.astype(values.dtype), mode="drop")
+            k, v = keys.astype(dtype), values.astype(dtype)
+        else:
+            # Scatter straight into the stacked buffer: a loop carry, so XLA updates it in place.
+            keys = keys.at[index, rows, positions].set(k.astype(keys.dtype), mode="drop")
+            values = values.at[index, rows, positions].set(v.astype(values.dtype), mode="drop")
+            k, v = keys[index].astype(dtype), values[index].astype(dtype)
+        kv = (keys, values)
+    attn = L.attention(q, k, v, mask, config.attention, causal=mask is None).reshape(batch, time, -1)
+    x = x + attn @ params["o_proj"].astype(dtype)
+    h = L.rms_norm(x, params["mlp_norm"], config.rms_norm_eps).astype(dtype)
+    x = x + L.swiglu_mlp(
+        h, params["gate_proj"].astype(dtype), params["up_proj"].astype(dtype), params["down_proj"].astype(dtype)
+    )
+    return x, kv
+
 
 class Llama(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stacked: bool | None = None):
+        """Random weights. `stacked` (default: unless config.layer_loop is per_layer) picks the
+        storage; the per_layer loop runs on either."""
+        if config.layer_loop not in LAYER_LOOPS:
+            raise ConfigError(f"config.layer_loop {config.layer_loop!r} is not one of {', '.join(LAYER_LOOPS)}")
         dtype = jnp.dtype(config.param_dtype)
         init = nnx.initializers.normal(0.02)
         self.config = config
         self.embed = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = DecoderStack(config, rngs)
+        if stacked is None:
+            stacked = config.layer_loop != "per_layer"
+        if stacked:
+            self.layers = DecoderStack(config, rngs)
+        else:
+            shapes = layer_param_shapes(config)
+            self.layers = nnx.List([
+                LayerWeights({name: _init_value(name, shape, dtype, rngs) for name, shape in shapes.items()})
+                for _ in range(config.num_layers)
+            ])
         self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
         self.lm_head = (
             None
@@ -77,58 +244,62 @@ class Llama(nnx.Module):
         positions: jax.Array,
         cache: KVCache | None = None,
         mask: jax.Array | None = None,
-        remat: bool = False,
+        remat: bool | str = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [B, T, D] and the updated cache.
 
         With a cache, token t of row b is written to slot positions[b, t] and attends to slots
         <= positions[b, t]. Without one, the T tokens attend to each other under `mask` [B, T, T]
-        (default: causal), which is what training and packed layouts use.
+        (default: causal), which is what training and packed layouts use. `remat`: none | dots |
+        full (or False/True), the rematerialization policy of each layer in a backward pass.
         """
         config = self.config
-        dtype = config.compute_dtype
-        batch, time = tokens.shape
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(config.compute_dtype)
         cos, sin = L.rope_tables(config, positions)
-        if cache is not None:
-            mask = causal_mask(positions, cache.length) if mask is None else mask
-        elif mask is None:
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((time, time), bool)), (batch, time, time))
-        batch_index = jnp.arange(batch)[:, None]
+        if cache is not None and mask is None:
+            mask = causal_mask(positions, cache.length)
 
-        def project(h, params, name, heads):
-            out = h @ params[f"{name}_proj"].astype(dtype)
-            if config.attention_bias:
-                out = out + params[f"{name}_bias"].astype(dtype)
-            return out.reshape(batch, time, heads, config.head_dim)
+        def layer(x, params, kv):
+            return decoder_layer(config, params, x, cos, sin, mask, positions, kv)
 
-        def layer(carry, xs):
+        layer = L.rematerialize(layer, remat)
+        if config.layer_loop == "scan":
+            x, cache = self._scan(layer, x, cache)
+        else:
+            x, cache = self._loop(layer, x, cache)
+        hidden = L.rms_norm(x, self.final_norm[...], config.rms_norm_eps).astype(config.compute_dtype)
+        return hidden, cache
+
+    def _scan(self, layer, x, cache):
+        if not is_stacked(self) or (cache is not None and cache.per_layer):
+            raise ConfigError("the scan layer loop needs stacked weights and a stacked KV cache: build the "
+                              "cache with KVCache.zeros(model.config, ...) and the model with stack_layers")
+
+        def body(carry, xs):
             x, keys, values = carry
             params, index = xs
-            h = L.rms_norm(x, params["attn_norm"], config.rms_norm_eps).astype(dtype)
-            q = L.apply_rope(project(h, params, "q", config.num_heads), cos, sin)
-            k = L.apply_rope(project(h, params, "k", config.num_kv_heads), cos, sin)
-            v = project(h, params, "v", config.num_kv_heads)
-            if keys is not None:
-                # Scatter straight into the stacked buffer: it is a loop carry, so XLA updates in place.
-                keys = keys.at[index, batch_index, positions].set(k.astype(keys.dtype), mode="drop")
-                values = values.at[index, batch_index, positions].set(v.astype(values.dtype), mode="drop")
-                k, v = keys[index].astype(dtype), values[index].astype(dtype)
-            attn = L.grouped_attention(q, k, v, mask).reshape(batch, time, -1)
-            x = x + attn @ params["o_proj"].astype(dtype)
-            h = L.rms_norm(x, params["mlp_norm"], config.rms_norm_eps).astype(dtype)
-            x = x + L.swiglu_mlp(
-                h, params["gate_proj"].astype(dtype), params["up_proj"].astype(dtype), params["down_proj"].astype(dtype)
-            )
-            return (x, keys, values), None
+            x, kv = layer(x, params, None if keys is None else (keys, values, index))
+            return (x, *(kv or (None, None))), None
 
-        if remat:
-            layer = jax.checkpoint(layer)
         keys, values = (cache.keys, cache.values) if cache is not None else (None, None)
-        xs = (self.layers.stacked(), jnp.arange(config.num_layers))
-        (x, keys, values), _ = jax.lax.scan(layer, (x, keys, values), xs)
-        hidden = L.rms_norm(x, self.final_norm[...], config.rms_norm_eps).astype(dtype)
-        return hidden, (KVCache(keys, values) if cache is not None else None)
+        xs = (self.layers.stacked(), jnp.arange(self.config.num_layers))
+        (x, keys, values), _ = jax.lax.scan(body, (x, keys, values), xs)
+        return x, (KVCache(keys, values) if cache is not None else None)
+
+    def _loop(self, layer, x, cache):
+        if cache is None:
+            for params in layer_arrays(self):
+                x, _ = layer(x, params, None)
+            return x, None
+        if not cache.per_layer:  # a stacked cache: scatter into it at a static layer index
+            keys, values = cache.keys, cache.values
+            for i, params in enumerate(layer_arrays(self)):
+                x, (keys, values) = layer(x, params, (keys, values, i))
+            return x, KVCache(keys, values)
+        keys, values = list(cache.keys), list(cache.values)
+        for i, params in enumerate(layer_arrays(self)):
+            x, (keys[i], values[i]) = layer(x, params, (keys[i], values[i], None))
+        return x, KVCache(tuple(keys), tuple(values))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits in fp32 for hidden states of any leading shape."""

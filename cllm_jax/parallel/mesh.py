@@ -2,7 +2,8 @@
 
 Every parameter and activation axis has a logical name ("embed", "heads", "batch", ...); a small
 rules table maps each name to mesh axes. Parameters are found by their name in the model state
-(the stacked decoder weights carry a leading "layers" axis). A dimension that the mapped mesh axes
+(the stacked decoder weights carry a leading "layers" axis, replicated; the per-layer storage of
+the per_layer loop has the same rules without it). A dimension that the mapped mesh axes
 do not divide evenly stays replicated, so any mesh works for any model, only less sharded.
 """
 
@@ -125,6 +126,15 @@ def param_name(path) -> str:
     return str(names[-1])
 
 
+def _layer_index(path) -> int | None:
+    """The layer number in a per-layer parameter's path (layers/3/q_proj), None when stacked."""
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    for before, key in zip(keys, keys[1:]):
+        if before == "layers" and isinstance(key, int):
+            return key
+    return None
+
+
 def param_specs(params, mesh: Mesh, rules: AxisRules = DEFAULT_RULES):
     """A PartitionSpec for every parameter array of `params` (a model State), same structure."""
 
@@ -133,6 +143,8 @@ def param_specs(params, mesh: Mesh, rules: AxisRules = DEFAULT_RULES):
         if name not in PARAM_AXES:
             raise ConfigError(f"parameter '{name}' has no logical axes in PARAM_AXES")
         axes = PARAM_AXES[name]
+        if axes[0] == "layers" and _layer_index(path) is not None:
+            axes = axes[1:]  # per-layer storage (model.layers[i].name): one layer, no stacked axis
         if len(axes) != len(leaf.shape):
             raise ConfigError(f"parameter '{name}' has shape {leaf.shape}, its axes are {axes}")
         return rules.spec(axes, leaf.shape, mesh)

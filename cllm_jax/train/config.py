@@ -24,7 +24,23 @@ from cllm_jax.errors import ConfigError
 class ModelSection:
     path: str | None = None  # HF directory, .gguf file, or null for the built-in SmolLM2
     dtype: str = "float32"  # compute dtype of matmuls (parameters always stay float32)
-    remat: bool = True  # rematerialize each decoder layer in the backward pass
+    # Rematerialization of each decoder layer in the backward pass: none | dots (keep matmul results,
+    # recompute the rest) | full (keep only layer inputs); true/false are the old spelling of full/none.
+    remat: Any = True  # str or bool: typed Any because the YAML reader takes one type per key
+    layer_loop: str = "auto"  # auto | scan | per_layer (cllm_jax/model/llama.py); checkpoints fit both
+    attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention, cuDNN where it can) | cudnn
+
+    def __post_init__(self):
+        from cllm_jax.model.layers import ATTENTION_IMPLEMENTATIONS, remat_policy_name
+
+        if self.layer_loop not in ("auto", "scan", "per_layer"):
+            raise ConfigError(f"model.layer_loop={self.layer_loop!r} is not one of auto, scan, per_layer")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        try:
+            remat_policy_name(self.remat)
+        except ConfigError:
+            raise ConfigError(f"model.remat={self.remat!r} is not one of none, dots, full (or true/false)") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +53,17 @@ class DataSection:
     shuffle: bool = True
     seed: int = 0  # data order and the per-record choice of the trajectory state
     eos_id: int | None = None  # null: the model's; -1: do not mask positions after EOS
+    # Which trajectory states train (cllm_jax/train/states.py). Defaults: Jacobi Forcing's, but the
+    # clean context; the reference (today's recipe): noise_schedule=uniform, states_per_block=1.
+    states_per_block: int = 1  # noisy states per block in one packed row (each costs n tokens); packed only
+    noise_schedule: str = "progressive"  # uniform (reference) | progressive (JF) | reverse | random
+    noise_window: int = 16  # w: block k aims at noise target k mod w of linspace(noise_min, noise_max, w)
+    noise_min: float = 0.0  # noise of a state = (n - first mismatch with the fixed point) / n
+    noise_max: float = 1.0
+    # packed: clean (reference: a noisy block sees the converged blocks before it) | noisy (JF: it sees
+    # the noisy blocks before it). Default clean: what Jacobi/rolling decoding sees; on the tiny model
+    # (tests/test_cllm_method.py setup) noisy alone dropped Jacobi TPF after training from 3.2 to 1.5.
+    context: str = "clean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +71,13 @@ class LossSection:
     consistency: str = "global"  # global (target on y*) | local (target on the next state)
     distance: str = "forward_kl"  # forward_kl (reference soft CE) | reverse_kl | js
     ar_weight: float = 10.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0  # 0: off (Jacobi Forcing); the reference uses 0.1
+    # Defaults: Jacobi Forcing's loss; the reference (today's recipe): ar_on_prompt=true,
+    # ar_after_eos=true, consistency_norm=tokens, student_eos_pads=true, label_smoothing=0.1.
+    ar_on_prompt: bool = False  # AR targets on the prompt too (the reference; ~87% of its AR gradient)
+    ar_after_eos: bool = False  # AR targets after the generation's first EOS too (the reference)
+    consistency_norm: str = "blocks"  # blocks: per-block mean from first mismatch + 1, then over blocks | tokens
+    student_eos_pads: bool = False  # true: a student's tokens after its own EOS leave the loss (reference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +145,9 @@ class TrainConfig:
             "data.ar_source": (self.data.ar_source, ("teacher", "labels")),
             "loss.consistency": (self.loss.consistency, ("global", "local")),
             "loss.distance": (self.loss.distance, ("forward_kl", "reverse_kl", "js")),
+            "loss.consistency_norm": (self.loss.consistency_norm, ("tokens", "blocks")),
+            "data.noise_schedule": (self.data.noise_schedule, ("uniform", "progressive", "reverse", "random")),
+            "data.context": (self.data.context, ("noisy", "clean")),
             "optim.schedule": (self.optim.schedule, ("cosine", "linear", "constant")),
             "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
         }
@@ -121,7 +157,8 @@ class TrainConfig:
         positive = {"optim.batch_size": self.optim.batch_size, "optim.grad_accum": self.optim.grad_accum,
                     "optim.epochs": self.optim.epochs, "checkpoint.every": self.checkpoint.every,
                     "checkpoint.keep": self.checkpoint.keep, "data.pad_multiple": self.data.pad_multiple,
-                    "data.max_seq_len": self.data.max_seq_len}
+                    "data.max_seq_len": self.data.max_seq_len,
+                    "data.states_per_block": self.data.states_per_block, "data.noise_window": self.data.noise_window}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -176,11 +213,20 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        where = f"section '{prefix}'" if prefix else "the config"
-        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where} "
-                          f"(valid: {', '.join(sorted(names))})")
+        raise unknown_key(unknown[0], names, prefix)
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     return cls(**kwargs)
+
+
+def unknown_key(key: str, valid, section: str = "") -> ConfigError:
+    """The one-line error for an unknown key: the valid ones, and the closest as a suggestion."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+    where = f"section '{section}'" if section else "the config"
+    return ConfigError(f"unknown key {section + '.' if section else ''}{key} in {where}: {hint}"
+                       f"(valid: {', '.join(sorted(valid))})")
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

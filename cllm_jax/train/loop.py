@@ -10,6 +10,11 @@ Run directory layout:
 Step s (0-based) trains on the data position epoch = s // steps_per_epoch, cursor = (s %
 steps_per_epoch) * grad_accum * batch_size, and the batch there is a pure function of it, so a
 resumed run repeats exactly the losses an uninterrupted run would have had.
+
+A run resumes from its newest checkpoint that restores (a damaged newer one is set aside, with a
+CllmWarning), stops at the first unhealthy step (train/health.py: a loss that is not finite, or a
+collapse to a uniform prediction) naming a checkpoint that is good, and exports only finite
+parameters. Rerunning a finished, exported run writes nothing, so it also works read-only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,19 +35,23 @@ from flax import nnx
 
 from cllm_jax.checkpoint import CHECKPOINT_DIR, EXPORT_DIR, Checkpointer
 from cllm_jax.data.trajectories import TrajectoryRecord, read_trajectories
-from cllm_jax.errors import CllmError, ConfigError, DataError
+from cllm_jax.errors import CllmError, CllmWarning, ConfigError, DataError
+from cllm_jax.model.llama import resolve_layer_loop, stack_layers
 from cllm_jax.parallel import distributed, mesh as mesh_lib
+from cllm_jax.train import health
 from cllm_jax.train import step as step_lib
-from cllm_jax.train.batching import BatchSpec, DataSource
+from cllm_jax.train.batching import BatchSpec, DataSource, spec_from_config
 from cllm_jax.train.config import TrainConfig
-from cllm_jax.train.metrics_log import MetricsLog
+from cllm_jax.train.metrics_log import MetricsLog, read_metrics
 
-# Sections that may change when a run resumes; anything else must match the stored config.
-_RESUMABLE_CHANGES = ("run_dir", "mesh", "distributed", "checkpoint", "log", "export")
+# Sections (and single keys) that may change when a run resumes; anything else must match the stored
+# config. The model's speed settings compute the same function: checkpoints fit every choice.
+_RESUMABLE_CHANGES = ("run_dir", "mesh", "distributed", "checkpoint", "log", "export",
+                      "model.layer_loop", "model.attention", "model.remat")
 
 
 class TrainingDiverged(CllmError):
-    """A loss became NaN or infinite."""
+    """A loss became NaN or infinite, or the model collapsed to a uniform prediction."""
 
 
 @dataclasses.dataclass
@@ -75,7 +85,8 @@ def _check_resume_config(run_dir: Path, config: TrainConfig) -> None:
     stored, now = yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {}, config.to_dict()
     diffs = [f"{section}.{k}: {stored.get(section, {}).get(k)!r} there, {v!r} now"
              for section, values in now.items() if isinstance(values, dict) and section not in _RESUMABLE_CHANGES
-             for k, v in values.items() if stored.get(section, {}).get(k) != v]
+             for k, v in values.items() if stored.get(section, {}).get(k) != v
+             and f"{section}.{k}" not in _RESUMABLE_CHANGES]
     diffs += [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in now.items()
               if not isinstance(v, dict) and k not in _RESUMABLE_CHANGES and stored.get(k) != v]
     if diffs:
@@ -101,18 +112,17 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
     if model is None:
         from cllm_jax.weights.load import load_model
 
-        loaded = load_model(config.model.path, config.model.dtype)
+        loaded = load_model(config.model.path, config.model.dtype, stacked=True)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         model.config = model.config.replace(dtype=config.model.dtype)
+    # Train states and checkpoints hold the stacked layout whichever layer loop runs.
+    model = stack_layers(model, resolve_layer_loop(config.model.layer_loop, model.config))
+    model.config = model.config.replace(attention=config.model.attention)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        _write_config(run_dir, config)
     eos = config.data.eos_id if config.data.eos_id is not None else model.config.eos_token_id
-    spec = BatchSpec(layout=config.data.layout, consistency=config.loss.consistency,
-                     ar_source=config.data.ar_source, max_seq_len=config.data.max_seq_len,
-                     pad_multiple=config.data.pad_multiple, eos_id=None if eos == -1 else eos,
-                     seed=config.data.seed, shuffle=config.data.shuffle)
+    spec = spec_from_config(config, None if eos == -1 else eos)
     data = DataSource(records, spec)
 
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
@@ -128,16 +138,22 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
                                            min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1,
                                            b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
     graphdef, params = nnx.split(model)
+    vocab_size = model.config.vocab_size
     shardings = step_lib.state_shardings(params, tx, mesh)
     fingerprint = {"num_examples": len(data), "examples": _fingerprint(records), "layout": spec.layout}
 
     checkpointer = Checkpointer(ckpt_dir, config.checkpoint.every, config.checkpoint.keep,
                                 config.checkpoint.asynchronous)
+    abstract = step_lib.abstract_state(jax.eval_shape(lambda: params), tx, shardings)
     try:
         start = checkpointer.latest_step() or 0
+        if start >= total and (not config.export or _exported_step(run_dir) == start):  # finished: no writes
+            export_dir = run_dir / EXPORT_DIR if config.export else None
+            return RunResult(run_dir, total, (read_metrics(run_dir) or [{}])[-1], export_dir)
         if start:
-            abstract = step_lib.abstract_state(jax.eval_shape(lambda: params), tx, shardings)
-            state, position = checkpointer.restore(abstract, start)
+            start, state, position, notes = checkpointer.restore_newest(abstract)
+            for note in notes:
+                warnings.warn(note, CllmWarning, stacklevel=2)
             stored = {k: position.get(k) for k in fingerprint}
             if stored != fingerprint:
                 raise DataError(f"{run_dir} was trained on other data ({stored} there, {fingerprint} now); "
@@ -175,7 +191,12 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
                 metrics = {k: float(v) for k, v in distributed.to_host(device_metrics).items()}
                 elapsed = time.perf_counter() - t0
                 epoch = position(step)[0]
-                _check_finite(metrics, step + 1, checkpointer, ckpt_dir)
+                problem = health.unhealthy(metrics, vocab_size)
+                if problem:
+                    state = None  # frees its memory for the checkpoint reads that name a good one
+                    what, figures = problem
+                    raise _stopped(f"training {what} at step {step + 1} ({figures})", step + 1, checkpointer,
+                                   abstract)
                 log.write(step + 1, metrics, epoch=epoch, tokens=hb.tokens, examples=hb.examples,
                           seconds=elapsed, first=(step == start))
                 next_epoch, next_cursor = position(step + 1)
@@ -183,12 +204,13 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
                                                     "step": step + 1}, force=(step + 1 == total))
                 if after_step is not None:
                     after_step(step + 1)
+        if config.export and not bool(health.all_finite(state.params)):  # the last update had no next step
+            raise _stopped(f"the parameters after the last step {total} are not finite", total + 1,
+                           checkpointer, abstract)
     finally:
         checkpointer.close()
 
-    export_dir = None
-    if config.export:
-        export_dir = _export(run_dir, graphdef, state, tokenizer, main)
+    export_dir = _export(run_dir, graphdef, state, tokenizer, main) if config.export else None
     return RunResult(run_dir, total, metrics, export_dir)
 
 
@@ -203,16 +225,29 @@ def _step_options(config: TrainConfig, spec: BatchSpec) -> step_lib.StepOptions:
                                 shared_target=spec.shared_target, remat=config.model.remat)
 
 
-def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, ckpt_dir: Path) -> None:
-    terms = {k: metrics[k] for k in ("loss", "loss_consistency", "loss_ar", "grad_norm")}
-    if all(np.isfinite(v) for v in terms.values()):
+def _stopped(what: str, failed_step: int, checkpointer: Checkpointer, abstract) -> TrainingDiverged:
+    good, why = health.last_good_checkpoint(checkpointer, abstract, failed_step)
+    kept = (f"the last good checkpoint is step {good} in {checkpointer.directory}" if good is not None
+            else f"no checkpoint is good ({why})")
+    return TrainingDiverged(f"{what}; stopped without exporting, {kept}. Check the data, or lower optim.lr "
+                            f"in a new run_dir")
+
+
+def _write_config(run_dir: Path, config: TrainConfig) -> None:
+    """Store the resolved config; an unchanged one is not rewritten (a finished run may be read-only)."""
+    path, text = run_dir / "config.yaml", config.to_yaml()
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    checkpointer.wait()
-    last = checkpointer.latest_step()
-    kept = f"the last good checkpoint is step {last} in {ckpt_dir}" if last else "no checkpoint was written yet"
-    detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-    raise TrainingDiverged(f"training diverged at step {step} ({detail}); stopped, {kept}. "
-                           f"Check the data, or lower optim.lr in a new run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _exported_step(run_dir: Path) -> int | None:
+    """The step of the model in RUN_DIR/export, if one was completely written."""
+    try:
+        return json.loads((run_dir / "export.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _export(run_dir: Path, graphdef, state, tokenizer, main: bool) -> Path:

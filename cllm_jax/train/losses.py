@@ -2,13 +2,14 @@
 
 Consistency: the student's next-token distributions q (the model on prefix + a trajectory state)
 are pulled towards target distributions p (the same model on prefix + the fixed point, or the next
-state), with the gradient stopped on the target side. Only the positions the mask selects count:
-those predicting the first token where the student's state differs from the target state, and
-every token after it (see `batching.block_loss_mask`).
+state), with the gradient stopped on the target side. Only the positions the mask weighs count:
+from the first token where the student's state differs from the target state to the end of the
+block (see `states.slot_weights`). A mask may carry weights: 1/count per kept position of a block
+makes the loss a mean per block (Jacobi Forcing's normalisation) once divided by the block count.
 
-AR: next-token cross-entropy with label smoothing, exactly as transformers' `LabelSmoother`
-(which the reference trainer calls): (1 - eps) * mean NLL + eps * mean over tokens and vocabulary
-of -log q.
+AR: next-token cross-entropy with optional label smoothing (eps = 0: plain cross-entropy, as
+Jacobi Forcing), exactly as transformers' `LabelSmoother` (which the reference trainer calls with
+eps = 0.1): (1 - eps) * mean NLL + eps * mean over tokens and vocabulary of -log q.
 
 Normalisation: each term is a sum over the selected positions divided by `denom` (by default the
 number of selected positions in the arrays given). The train step passes the count over the whole
@@ -63,7 +64,7 @@ def consistency_loss(student_logits: jax.Array, target_logits: jax.Array, mask: 
     return _normalise(total, mask, denom)
 
 
-def ar_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.1,
+def ar_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0,
             denom=None) -> jax.Array:
     """Label-smoothed next-token cross-entropy. logits [..., T, V] at the positions that predict
     `labels` [..., T] (already shifted); weights [..., T] (0 = padding)."""

@@ -4,7 +4,8 @@
 (unweighted), grad_norm, lr, consistency_tokens, ar_tokens (loss-bearing positions), tokens (all
 tokens fed through the model), examples, step_time_s, tokens_per_s, and compile=true on the first
 step of a process (its time includes compilation). On resume, lines after the restored step are
-dropped first, so the file always reads as one uninterrupted run.
+dropped first, so the file always reads as one uninterrupted run. TensorBoard's event files do
+the same: a resumed writer purges the events after the restored step.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
-def _tensorboard_writer(log_dir: Path):
+def _tensorboard_writer(log_dir: Path, start_step: int):
+    purge = {"purge_step": start_step + 1} if start_step else {}  # events of steps > start were redone
     for module in ("tensorboardX", "torch.utils.tensorboard"):
         try:
             writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
-            return writer_cls(str(log_dir))
+            return writer_cls(str(log_dir), **purge)
         except Exception:  # not installed, or torch without the tensorboard package
             continue
     return None
@@ -58,7 +60,7 @@ class MetricsLog:
         os.replace(tmp, path)
         self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
-            self.writer = _tensorboard_writer(Path(run_dir) / "tensorboard")
+            self.writer = _tensorboard_writer(Path(run_dir) / "tensorboard", start_step)
         if progress:
             self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
 

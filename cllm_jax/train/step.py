@@ -3,8 +3,11 @@
 `train_step(graphdef, state, batch)` is pure: it runs every micro-batch of the [grad_accum, batch,
 ...] arrays through `lax.scan`, sums their gradients (each micro-batch loss is already divided by
 the token counts of the whole global batch, so accumulation equals one large batch), then applies
-one AdamW update. `compile_train_step` wraps it in `jax.jit` with explicit in/out shardings and the
-state donated, so parameters and optimizer state are updated in place on their devices.
+one AdamW update. The packed layout projects to the vocabulary only the hidden states a loss weighs
+(`ar_index`, `cons_student`, `cons_target`, padded to a few bucket sizes), not every position: at
+SmolLM2's 49k vocabulary the projection is a large share of a step. `compile_train_step` wraps it
+in `jax.jit` with explicit in/out shardings and the state donated, so parameters and optimizer
+state are updated in place on their devices.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ class StepOptions:
     consistency: str = "global"
     distance: str = "forward_kl"
     ar_weight: float = 10.0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     shared_target: bool = True
-    remat: bool = True
+    remat: bool | str = True  # none | dots | full, True/False = full/none (cllm_jax.model.layers.rematerialize)
 
 
 def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, schedule: str = "cosine",
@@ -91,7 +94,8 @@ def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOption
     if options.layout == "packed":
         mask = packed_attention_mask(micro["group"], micro["chain_limit"])
         h = _hidden(model, micro["tokens"], mesh, options.remat, micro["positions"], mask)
-        ar_logits = model.logits(h)
+        # only the positions a loss weighs reach the vocabulary projection (not students, not padding)
+        ar_logits = model.logits(_gather(h, micro["ar_index"]))
         student_logits = model.logits(_gather(h, micro["cons_student"]))
         target_logits = model.logits(_gather(h, micro["cons_target"]))
     else:
@@ -115,7 +119,9 @@ def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOption
 def train_step(graphdef, state: TrainState, batch: dict, *, tx, schedule, options: StepOptions,
                mesh=None, grad_shardings=None) -> tuple[TrainState, dict]:
     """One optimizer step over a [grad_accum, batch, ...] batch. Pure; jit it with `compile_train_step`."""
-    denoms = (jnp.sum(batch["cons_mask"]), jnp.sum(batch["ar_weights"]))
+    # cons_mask sums to a whole number: 1 per token (tokens norm) or 1 per block (blocks norm, each
+    # block's weights 1/count); rounding makes it exact whatever the summation order (sharding)
+    denoms = (jnp.round(jnp.sum(batch["cons_mask"])), jnp.sum(batch["ar_weights"]))
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def accumulate(grads, micro):

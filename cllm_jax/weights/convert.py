@@ -9,7 +9,7 @@ from flax import nnx
 
 from cllm_jax.config import ModelConfig
 from cllm_jax.errors import CheckpointError
-from cllm_jax.model.llama import Llama, layer_param_shapes
+from cllm_jax.model.llama import Llama, LayerWeights, layer_arrays, layer_param_shapes
 
 # our per-layer name -> (HF suffix under model.layers.{i}., transposed?)
 _LAYER_NAMES = {
@@ -37,27 +37,37 @@ def _take(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> 
     return value
 
 
-def model_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> Llama:
-    """Build a Llama whose parameters are the given HF-named tensors (no random init is run)."""
+def model_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], stacked: bool | None = None) -> Llama:
+    """Build a Llama whose parameters are the given HF-named tensors (no random init is run).
+
+    `stacked` picks the layer storage (default: per-layer arrays iff config.layer_loop is per_layer).
+    """
     dtype = jnp.dtype(config.param_dtype)
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    stacked = config.layer_loop != "per_layer" if stacked is None else stacked
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), stacked=stacked))
     model.embed = nnx.Param(jnp.asarray(_take(tensors, "model.embed_tokens.weight", (config.vocab_size, config.hidden_size)), dtype))
     model.final_norm = nnx.Param(jnp.asarray(_take(tensors, "model.norm.weight", (config.hidden_size,)), dtype))
     if not config.tie_word_embeddings:
         head = _take(tensors, "lm_head.weight", (config.vocab_size, config.hidden_size))
         model.lm_head = nnx.Param(jnp.asarray(head.T, dtype))
+    per_layer = [{} for _ in range(config.num_layers)]
     for name, shape in layer_param_shapes(config).items():
         suffix, transposed = _LAYER_NAMES[name]
         hf_shape = shape[::-1] if transposed else shape
-        per_layer = [_take(tensors, f"model.layers.{i}.{suffix}", hf_shape) for i in range(config.num_layers)]
-        stacked = np.stack([p.T if transposed else p for p in per_layer])
-        setattr(model.layers, name, nnx.Param(jnp.asarray(stacked, dtype)))
+        for i in range(config.num_layers):
+            value = _take(tensors, f"model.layers.{i}.{suffix}", hf_shape)
+            per_layer[i][name] = value.T if transposed else value
+        if stacked:
+            setattr(model.layers, name, nnx.Param(jnp.asarray(np.stack([p[name] for p in per_layer]), dtype)))
+            for p in per_layer:
+                del p[name]
+    if not stacked:
+        model.layers = nnx.List([LayerWeights({k: jnp.asarray(v, dtype) for k, v in p.items()}) for p in per_layer])
     return model
 
 
 def hf_tensors_from_model(model: Llama) -> dict[str, np.ndarray]:
     """The inverse of `model_from_hf_tensors`: HF names, torch layout, float32 numpy."""
-    config = model.config
     as_np = lambda x: np.asarray(jax.device_get(x), dtype=np.float32)  # noqa: E731
     tensors = {
         "model.embed_tokens.weight": as_np(model.embed[...]),
@@ -65,10 +75,9 @@ def hf_tensors_from_model(model: Llama) -> dict[str, np.ndarray]:
     }
     if model.lm_head is not None:
         tensors["lm_head.weight"] = np.ascontiguousarray(as_np(model.lm_head[...]).T)
-    for name, stacked in model.layers.stacked().items():
-        suffix, transposed = _LAYER_NAMES[name]
-        stacked = as_np(stacked)
-        for i in range(config.num_layers):
-            value = stacked[i].T if transposed else stacked[i]
-            tensors[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(value)
+    for i, params in enumerate(layer_arrays(model)):  # stacked or per-layer storage alike
+        for name, value in params.items():
+            suffix, transposed = _LAYER_NAMES[name]
+            value = as_np(value)
+            tensors[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(value.T if transposed else value)
     return tensors

@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 
 from cllm_jax.config import ModelConfig
-from cllm_jax.model.llama import Llama
+from cllm_jax.errors import CheckpointError
+from cllm_jax.model.llama import Llama, cast_matrices, resolve_layer_loop
 from cllm_jax.tokenizer import Tokenizer
 from cllm_jax.weights.convert import hf_tensors_from_model, model_from_hf_tensors
 from cllm_jax.weights.default_model import resolve_model_path
-from cllm_jax.weights.hf_dir import read_hf_dir, write_hf_dir
+from cllm_jax.weights.hf_dir import INDEX_FILE, WEIGHTS_FILE, read_hf_config, read_hf_dir, write_hf_dir
+from cllm_jax.weights.hub import parse_hub_id, resolve_hub_id
+from cllm_jax.weights.torch_bin import has_torch_weights, read_torch_weights
 
 RUN_EXPORT_DIR = "export"  # where train.py writes a run's final model inside its run directory
 
@@ -24,16 +27,58 @@ class LoadedModel:
     path: Path
 
 
-def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load a Hugging Face directory, a .gguf file, a training run directory, or (None) the default model."""
-    if arg is not None and (Path(arg) / RUN_EXPORT_DIR / "config.json").is_file():
-        arg = Path(arg) / RUN_EXPORT_DIR
-    path = resolve_model_path(arg)
-    hf_config, tensors = read_hf_dir(path)
+def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", layer_loop: str = "auto",
+               stacked: bool | None = None, weights_dtype: str | None = None) -> LoadedModel:
+    """Load a Hugging Face directory, a .gguf file, a training run directory, or (None) the default model.
+
+    layer_loop: auto | scan | per_layer (see cllm_jax.model.llama; auto depends on the backend and
+    the model size). stacked: the weight storage; default per-layer arrays for the per_layer loop
+    (the fast decoding layout), stacked for scan. Training passes stacked=True: its states and
+    checkpoints always hold the canonical stacked layout, whichever loop runs. weights_dtype: store
+    the weight matrices in it (decoding in bf16: pass dtype, same outputs, half the bytes read per
+    step; cllm_jax.model.llama.cast_matrices); default float32.
+    """
+    path = resolve_model(arg)
+    hf_config, tensors = _read_checkpoint(path)
     config = ModelConfig.from_hf(hf_config, dtype=dtype)
-    model = model_from_hf_tensors(config, tensors)
+    config = config.replace(layer_loop=resolve_layer_loop(layer_loop, config))
+    model = model_from_hf_tensors(config, tensors, stacked=stacked)
+    if weights_dtype not in (None, "float32"):
+        cast_matrices(model, weights_dtype)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(model, tokenizer, config, path)
+
+
+def resolve_model(arg: str | os.PathLike | None) -> Path:
+    """The Hugging Face directory a --model argument (or a config's `model:`) names.
+
+    None: the built-in default. An existing path: a model directory, a .gguf file, a training run
+    (its export), or a pipeline run (its train/ run's export). Otherwise `org/name[@revision]`: a
+    model in the Hugging Face cache.
+    """
+    if arg is None:
+        return resolve_model_path(None)
+    path = Path(arg).expanduser()
+    if not path.exists() and parse_hub_id(str(arg)) is not None:
+        return resolve_hub_id(*parse_hub_id(str(arg)))
+    if path.is_dir() and not (path / "config.json").is_file():
+        for run in (path / "train", path):  # a pipeline run (it trains in train/), or a training run
+            if any((run / name).exists() for name in (RUN_EXPORT_DIR, "checkpoints", "config.yaml")):
+                if (run / RUN_EXPORT_DIR / "config.json").is_file():
+                    return run / RUN_EXPORT_DIR
+                raise CheckpointError(
+                    f"{run} is a training run with no exported model yet ({run / RUN_EXPORT_DIR} is missing): "
+                    f"training has not finished; rerun the same train.py command to finish and export it, or "
+                    f"pass a finished run or a model directory"
+                )
+    return resolve_model_path(path)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """config.json and the tensors: safetensors (single or sharded), else pytorch_model*.bin."""
+    if has_torch_weights(path) and not ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file()):
+        return read_hf_config(path), read_torch_weights(path)
+    return read_hf_dir(path)
 
 
 def export_model(model: Llama, path: str | os.PathLike, tokenizer: Tokenizer | None = None, overwrite=False) -> Path:

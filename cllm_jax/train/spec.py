@@ -1,0 +1,126 @@
+"""The batch settings and the helpers both layouts share (`batching.py` uses `packing.py`; both use
+this module and `states.py`, so the imports run one way).
+
+AR targets (`ar_weights`): a sequence's position i predicts token i + 1 and counts unless
+  - ar_on_prompt is off and token i + 1 lies before `train_from` (the prompt, and in the packed
+    layout also the blocks an earlier pack of the same prompt already counts), or
+  - ar_after_eos is off and token i + 1 lies after the first EOS of the generated part (the EOS
+    itself counts: the model must learn to stop; the prompt's own `<|im_end|>` is not the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from cllm_jax.data.trajectories import TrajectoryRecord
+from cllm_jax.errors import ConfigError, DataError
+from cllm_jax.train import states as states_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Defaults: the Jacobi Forcing recipe (clean context); config.py's DataSection/LossSection
+    document each key."""
+
+    layout: str = "per_record"
+    consistency: str = "global"
+    ar_source: str = "teacher"
+    max_seq_len: int = 1024
+    pad_multiple: int = 64
+    eos_id: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    ar_on_prompt: bool = False
+    ar_after_eos: bool = False
+    states_per_block: int = 1
+    noise_schedule: str = "progressive"
+    noise_window: int = 16
+    noise_min: float = 0.0
+    noise_max: float = 1.0
+    context: str = "clean"  # packed layout only: per-record rows hold one block after a clean prefix
+    consistency_norm: str = "blocks"
+    student_eos_pads: bool = False
+
+    def __post_init__(self):
+        if self.layout == "per_record" and self.states_per_block != 1:
+            raise ConfigError(f"data.states_per_block={self.states_per_block} needs data.layout=packed "
+                              f"(a per-record row holds one state)")
+        if self.layout == "packed" and self.context == "noisy" and self.consistency == "local":
+            raise ConfigError("data.context=noisy needs loss.consistency=global (a local target state "
+                              "has no noisy context of its own); use data.context=clean")
+        if self.states_per_block < 1 or self.noise_window < 1:
+            raise ConfigError("data.states_per_block and data.noise_window must be >= 1")
+
+    @property
+    def shared_target(self) -> bool:
+        """Per-record global consistency with AR on prefix + y*: the target is the AR sequence."""
+        return self.layout == "per_record" and self.consistency == "global" and self.ar_source == "teacher"
+
+
+def record_rng(seed: int, epoch: int, example: int, k: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, example, k])
+
+
+def chosen_pairs(record: TrajectoryRecord, rng: np.random.Generator, spec: BatchSpec, epoch: int = 0):
+    """The (student, target) state pairs a record trains on under `spec` in `epoch`."""
+    picks = states_lib.pick_states(record, rng, spec.noise_schedule, spec.states_per_block, spec.noise_window,
+                                   spec.noise_min, spec.noise_max, spec.eos_id, epoch)
+    return states_lib.state_pairs(record, picks, spec.consistency)
+
+
+def slot_weights(student, target, spec: BatchSpec) -> np.ndarray:
+    return states_lib.slot_weights(student, target, spec.eos_id, spec.consistency_norm, spec.student_eos_pads)
+
+
+def ar_sequence(record: TrajectoryRecord, spec: BatchSpec) -> tuple[int, ...]:
+    if spec.ar_source == "teacher":
+        return record.prompt_ids + record.fixed_point  # = teacher_output_ids
+    if record.labels_ids is None:
+        raise DataError(f"record {record.data_id!r} block {record.jacobian_itr_id} has no labels_ids, "
+                        f"needed by data.ar_source=labels (use ar_source=teacher or collect with labels)")
+    return record.labels_ids[: spec.max_seq_len]
+
+
+def ar_weights(seq: Sequence[int], train_from: int, eos_from: int, spec: BatchSpec) -> np.ndarray:
+    """Weights of positions 0..len-1 of `seq` (position i predicts seq[i + 1]; the last predicts nothing)."""
+    target = np.arange(1, len(seq) + 1)  # index of the token each position predicts
+    keep = target < len(seq)
+    if not spec.ar_on_prompt:
+        keep &= target >= train_from
+    if not spec.ar_after_eos and spec.eos_id is not None:
+        hits = np.flatnonzero(np.asarray(seq[max(eos_from, 0):], dtype=np.int64) == spec.eos_id)
+        if len(hits):
+            keep &= target <= max(eos_from, 0) + hits[0]
+    return keep.astype(np.float32)
+
+
+PAD_VALUES = {"group": -1}  # padding tokens of a packed row belong to no group: they see nothing
+
+
+def stack_rows(rows: list[dict | None], keys: dict[str, tuple[str, type]], dims: dict[str, int],
+               shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """[A, B, dim] arrays from A*B rows (None = empty row), right-padded."""
+    out = {k: np.full(shape + (dims[d],), PAD_VALUES.get(k, 0), dtype) for k, (d, dtype) in keys.items()}
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        a, b = divmod(i, shape[1])
+        for k in keys:
+            out[k][a, b, : len(row[k])] = row[k]
+    return out
+
+
+def round_up(value: int, multiple: int, cap: int | None = None) -> int:
+    value = -(-max(value, 1) // multiple) * multiple
+    return value if cap is None else min(value, max(cap, 1))
+
+
+def bucket(value: int, minimum: int) -> int:
+    """The next power-of-two multiple of `minimum`: few distinct shapes, so few recompilations."""
+    size = max(minimum, 1)
+    while size < value:
+        size *= 2
+    return size

@@ -1,0 +1,57 @@
+"""base_nll_ratio: the base model's NLL of a generation against transformers' torch model, and the
+ratio's definition in the evaluation's score (1.0 for the base model's own greedy generations)."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from cllm_jax.data.prompts import PromptExample
+from cllm_jax.evaluate.evaluation import MethodRun, generation_nll, score, with_base_nll
+from tests.tiny import port, random_prompts, torch_model
+
+
+@pytest.fixture(scope="module")
+def models():
+    reference = torch_model("llama", num_key_value_heads=2)
+    return reference, port(reference)
+
+
+def torch_nll(reference, prompt, generation):
+    """Summed NLL of the generated tokens, from transformers' logits over the whole sequence."""
+    ids = torch.tensor([prompt + generation])
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(ids).logits[0].double(), -1)
+    rows = torch.arange(len(prompt) - 1, len(prompt) + len(generation) - 1)
+    return -logp[rows, torch.tensor(generation)].sum().item()
+
+
+def test_generation_nll_equals_transformers(models):
+    reference, model = models
+    prompts = random_prompts([3, 11, 20], seed=4)
+    generations = random_prompts([1, 7, 30], seed=5)
+    for prompt, generation in zip(prompts, generations):
+        ours = generation_nll(model, prompt, generation)
+        assert ours == pytest.approx(torch_nll(reference, prompt, generation), rel=1e-4)
+    assert generation_nll(model, prompts[0], []) == 0.0
+
+
+def test_score_reports_the_ratio_against_the_base_greedy(models):
+    reference, model = models
+    prompts = random_prompts([4, 9], seed=6)
+    greedy = [reference.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+              for p in prompts]  # fmt: skip
+    other = random_prompts([10, 6], seed=8)  # random text: far less likely under the model than its greedy text
+    runs = [MethodRun("ar (base)", greedy, [10, 10], [1.0, 1.0]),
+            MethodRun("drifted (cllm)", other, [4, 3], [1.0, 1.0], block_size=8)]  # fmt: skip
+    runs = with_base_nll(runs, types.SimpleNamespace(model=model), prompts)
+    table = score(runs, [PromptExample(i, "q", "#### 1") for i in range(2)], lambda ids: " ".join(map(str, ids)))
+
+    expected_greedy = sum(torch_nll(reference, p, g) for p, g in zip(prompts, greedy)) / 20
+    expected_other = sum(torch_nll(reference, p, g) for p, g in zip(prompts, other)) / 16
+    assert table["ar (base)"]["base_nll_ratio"] == 1.0
+    assert table["drifted (cllm)"]["base_nll_ratio"] == pytest.approx(expected_other / expected_greedy, rel=1e-4)
+    assert table["drifted (cllm)"]["base_nll_ratio"] > 1.0
+    assert table["drifted (cllm)"]["block_size"] == 8 and table["ar (base)"]["block_size"] is None
+    assert np.isclose(table["drifted (cllm)"]["tpf"], 16 / 7)
