@@ -30,8 +30,10 @@ demo: setup
 cllm: setup
 	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k.yaml')")
 
+# Two processes, one test file each at a time: twice the cores, and no single process accumulates
+# the compiled programs of the whole suite.
 test: setup-test
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: setup-test
 	$(PY) benchmarks/ar_vs_transformers.py

@@ -165,7 +165,8 @@ def decode_main(argv: list[str]) -> None:
 
     from cllm_jax.weights.load import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop)
+    # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
+    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
     prompts = prompt_token_ids(args, loaded.tokenizer)
     summaries = {}
     for method in [args.method] + ([args.compare] if args.compare and args.compare != args.method else []):
@@ -264,7 +265,8 @@ def chat_main(argv: list[str]) -> None:
     from cllm_jax.decode.chat import ChatSession
     from cllm_jax.weights.load import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop)
+    # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
+    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
     session = ChatSession(loaded, settings_from(args, loaded, args.method), system=args.system)
     say = functools.partial(print, file=sys.stderr, flush=True)
     say(f"chatting with {loaded.path} ({session.method}); /reset, /method {'|'.join(METHODS)}; Ctrl-D quits")
