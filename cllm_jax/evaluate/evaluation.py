@@ -21,6 +21,7 @@ from cllm_jax.data.prompts import PromptExample, extract_final_number, gsm8k_fin
 from cllm_jax.decode.engine import Decoder, DecodeSettings
 from cllm_jax.decode.prefill import bucket_length
 from cllm_jax.evaluate.baselines import load_torch_model, torch_generate
+from cllm_jax.train.losses import ar_loss
 from cllm_jax.weights.load import LoadedModel
 
 
@@ -62,23 +63,28 @@ def _ours(name, loaded: LoadedModel, prompts, method: str, settings: EvalSetting
                      [r.seconds for r in results], block_size)  # fmt: skip
 
 
+@jax.jit
+def _summed_nll(model, tokens: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    hidden, _ = model(tokens, positions)
+    return ar_loss(model.logits(hidden), labels, weights, denom=1.0)  # denom 1: the sum, not the mean
+
+
 def generation_nll(model, prompt: list[int], generation: list[int]) -> float:
     """The model's summed NLL of `generation` after `prompt`: one teacher-forced forward pass.
 
     The sequence is padded to a power-of-two bucket at the end (the causal mask keeps padding out of
-    the positions read), so a few compilations serve a whole evaluation.
+    the positions read, and their weights are 0), so a few compilations serve a whole evaluation.
     """
     if not generation:
         return 0.0
     ids = list(prompt) + list(generation)
-    tokens = np.zeros((1, bucket_length(len(ids))), np.int32)
+    length = bucket_length(len(ids))
+    tokens, labels, weights = (np.zeros((1, length), dtype) for dtype in (np.int32, np.int32, np.float32))
     tokens[0, : len(ids)] = ids
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    hidden, _ = model(jnp.asarray(tokens), positions)
-    # hidden state t predicts token t + 1: the generated tokens are predicted from len(prompt) - 1 on
-    rows = hidden[0, len(prompt) - 1 : len(ids) - 1]
-    logp = jax.nn.log_softmax(model.logits(rows), axis=-1)  # logits are fp32
-    return float(-np.asarray(logp)[np.arange(len(generation)), generation].sum())
+    labels[0, : len(ids) - 1] = ids[1:]  # position t predicts token t + 1
+    weights[0, len(prompt) - 1 : len(ids) - 1] = 1.0  # only the generated tokens count
+    return float(_summed_nll(model, tokens, labels, weights))
 
 
 def with_base_nll(runs: list[MethodRun], base: LoadedModel, prompts: list[list[int]]) -> list[MethodRun]:
