@@ -24,8 +24,9 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     report = run_pipeline(load_pipeline_config(path), say=messages.append)
 
     methods = report["methods"]
-    # AR; per size: Jacobi on the base, Jacobi, rolling, multiblock, multiblock + recycling on the CLLM; transformers x 2
-    assert len(methods) == 13
+    # AR; per size: Jacobi and rolling + lookup on the base, Jacobi, rolling, multiblock, multiblock + recycling,
+    # rolling + lookup on the CLLM; transformers x 2
+    assert len(methods) == 17
     for name, m in methods.items():
         assert set(m) == {"tpf", "tokens_per_second", "speedup", "accuracy", "agreement", "base_nll_ratio",
                           "block_size"}
@@ -33,12 +34,13 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     assert methods["ar (base)"]["tpf"] == 1.0 and methods["ar (base)"]["speedup"] == 1.0
     assert methods["ar (base)"]["base_nll_ratio"] == 1.0 and methods["ar (base)"]["block_size"] is None
     # the same base weights: Jacobi and transformers' greedy reproduce our AR exactly, so the same NLL
-    for name in ("jacobi (base) n=2", "jacobi (base) n=4", "transformers generate (base)"):
+    for name in ("jacobi (base) n=2", "jacobi (base) n=4", "jacobi-rolling + lookup (base) n=4",
+                 "transformers generate (base)"):
         assert methods[name]["agreement"]["generation"] == 1.0
         assert methods[name]["base_nll_ratio"] == pytest.approx(1.0)
     # every method on the CLLM is greedy on one model: one text, one ratio
     cllm = [m for name, m in methods.items() if "(cllm)" in name]
-    assert len(cllm) == 8 and {m["block_size"] for m in cllm} == {2, 4}
+    assert len(cllm) == 10 and {m["block_size"] for m in cllm} == {2, 4}
     assert all(m["base_nll_ratio"] == pytest.approx(cllm[0]["base_nll_ratio"]) for m in cllm)
     for name in ("report.md", "report.json", "speedup.png", "tpf_distribution.png", "trajectory.png", "config.yaml"):
         assert (tmp_path / "report" / name).is_file(), name

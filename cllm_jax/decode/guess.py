@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-INIT_STRATEGIES = ("prefix-sample", "pad", "repeat-last", "random-vocab")
+INIT_STRATEGIES = ("prefix-sample", "pad", "repeat-last", "random-vocab", "lookup")
 
 
 def guess_tokens(
@@ -39,7 +39,7 @@ def guess_tokens(
         return jnp.broadcast_to(first[:, None], shape).astype(jnp.int32)
     if strategy == "random-vocab":
         return draw(jnp.full((shape[0],), vocab_size, jnp.int32))
-    if strategy == "prefix-sample":
+    if strategy in ("prefix-sample", "lookup"):  # lookup: where the text has no earlier match (lookup_guesses)
         prefix_lengths = prompt_lengths + generated_lengths
         index = draw(prefix_lengths)
         in_prompt = index < prompt_lengths[:, None]
@@ -48,3 +48,44 @@ def guess_tokens(
         from_generated = jnp.take_along_axis(generated, gen_index, axis=1)
         return jnp.where(in_prompt, from_prompt, from_generated).astype(jnp.int32)
     raise ValueError(f"unknown initial guess '{strategy}' (choose from {', '.join(INIT_STRATEGIES)})")
+
+
+def lookup_guesses(
+    window: jax.Array,
+    prompt_tokens: jax.Array,
+    prompt_lengths: jax.Array,
+    generated: jax.Array,
+    generated_lengths: jax.Array,
+) -> jax.Array:
+    """Prompt lookup as a Jacobi guess: window[:, 1:] continues the text from an earlier match.
+
+    The known text of a row is prompt ++ generated ++ window[:, 0] (the window's first token is
+    final). The guess copies what followed the latest earlier occurrence of its last two tokens
+    (else of its last token), as transformers' prompt-lookup decoding drafts; where the copy runs
+    into the end of the text it repeats the matched span, so a loop the model is in is guessed
+    whole. Rows with no earlier occurrence keep their window. A guess decides only how soon the
+    fixed point is found, never what it is, and this one costs no extra rows.
+    """
+    batch, n = window.shape
+    prompt_width, generated_width = prompt_tokens.shape[1], generated.shape[1]
+    index = jnp.arange(prompt_width + generated_width + 1, dtype=jnp.int32)[None, :]
+    prompt_end = prompt_lengths[:, None]
+    generated_end = prompt_end + generated_lengths[:, None]
+    key_end = generated_end  # the index of the key's last token, window[:, 0]
+
+    def at(tokens, i):
+        return jnp.take_along_axis(tokens, jnp.clip(i, 0, tokens.shape[1] - 1), axis=1)
+
+    text = jnp.where(index < prompt_end, at(prompt_tokens, index),
+                     jnp.where(index < generated_end, at(generated, index - prompt_end), window[:, :1]))  # fmt: skip
+    last, before = window[:, :1], at(text, key_end - 1)
+    previous = jnp.pad(text[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    one = (index < key_end) & (text == last)  # an earlier occurrence, not the key itself
+    two = one & (index >= 1) & (previous == before)
+    latest_two, latest_one = (jnp.max(jnp.where(m, index, -1), axis=1) for m in (two, one))
+    match_end = jnp.where(latest_two >= 0, latest_two, latest_one)[:, None]  # [B, 1], -1: none
+    period = jnp.maximum(key_end - match_end, 1)
+    offset = jnp.arange(n - 1, dtype=jnp.int32)[None, :]
+    copied = at(text, match_end + 1 + jnp.mod(offset, period))
+    rest = jnp.where(match_end >= 0, copied, window[:, 1:])
+    return jnp.concatenate([window[:, :1], rest], axis=1)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cllm_jax.decode.autoregressive import DecodeOutput
-from cllm_jax.decode.guess import guess_tokens
+from cllm_jax.decode.guess import guess_tokens, lookup_guesses
 from cllm_jax.decode.prefill import prefill, truncate_at_eos, write_rows
 from cllm_jax.decode.sampling import Sampling, choose_tokens
 from cllm_jax.model.kv_cache import KVCache
@@ -108,7 +108,22 @@ def next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: P
         key, row_seeds, prompt_lengths + progress.lengths, options.init, (first.shape[0], options.block_size - 1),
         first, prompt_tokens, prompt_lengths, progress.generated, progress.lengths, vocab, options.pad_id,
     )  # fmt: skip
-    return jnp.concatenate([first[:, None], rest], axis=1)
+    block = jnp.concatenate([first[:, None], rest], axis=1)
+    return refill_by_lookup(block, prompt_tokens, prompt_lengths, progress, options)
+
+
+def refill_by_lookup(window, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions):
+    """With init "lookup", window[:, 1:] continues the text by prompt lookup where the text has a match.
+
+    window[:, 0] is final and follows the committed text (progress.generated) in every variant. In
+    a rolling or multiblock window, slots 1.. hold predictions made after a token that was just
+    rejected; the lookup is keyed on final tokens only, so where it finds a match it replaces them.
+    (Looking up only the freed tail slots gained nothing: rolling n = 8 on the ablation's
+    progressive_noise CLLM, 5 held-out GSM8K problems, 128 tokens: TPF 1.50 that way, 2.91 this way.)
+    """
+    if options.init != "lookup":
+        return window
+    return lookup_guesses(window, prompt_tokens, prompt_lengths, progress.generated, progress.lengths)
 
 
 def begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options: JacobiOptions):

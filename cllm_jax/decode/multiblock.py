@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from cllm_jax.decode.autoregressive import DecodeOutput
 from cllm_jax.decode.guess import guess_tokens
-from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess
+from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess, refill_by_lookup
 from cllm_jax.decode.prefill import truncate_at_eos
 from cllm_jax.decode.sampling import choose_tokens
 from cllm_jax.model.kv_cache import KVCache
@@ -92,7 +92,7 @@ def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, 
             key, row_seeds, prompt_lengths + p.lengths + j * o.block_size, o.init, (first.shape[0], o.block_size),
             first, prompt_tokens, prompt_lengths, p.generated, p.lengths, vocab, o.pad_id,
         ))  # fmt: skip
-    return jnp.concatenate(parts, axis=1)
+    return refill_by_lookup(jnp.concatenate(parts, axis=1), prompt_tokens, prompt_lengths, p, o)
 
 
 def _candidates(window: jax.Array, pool: jax.Array) -> jax.Array:
@@ -229,6 +229,7 @@ def generate_multiblock(
         guesses = _guesses(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, options, vocab)
         from_prediction = source < live[:, None]
         new_window = jnp.where(from_prediction, shifted, guesses)
+        new_window = refill_by_lookup(new_window, prompt_tokens, prompt_lengths, p, o)
         old_index = source + 1
         old_token = jnp.take_along_axis(tokens, jnp.minimum(old_index, width - 1), axis=1)
         old_set_at = jnp.take_along_axis(

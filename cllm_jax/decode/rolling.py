@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cllm_jax.decode.autoregressive import DecodeOutput
-from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess
+from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess, refill_by_lookup
 from cllm_jax.decode.prefill import truncate_at_eos
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
@@ -79,6 +79,7 @@ def generate_rolling_jacobi(
         guesses = next_guess(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, options, vocab)
         from_prediction = source < n
         new_window = jnp.where(from_prediction, shifted, guesses)
+        new_window = refill_by_lookup(new_window, prompt_tokens, prompt_lengths, p, options)
         # A slot keeps its age when the token at that absolute position did not change.
         old_index = source + 1
         old_token = jnp.take_along_axis(window, jnp.minimum(old_index, n - 1), axis=1)

@@ -45,16 +45,19 @@ class EvalSettings:
     blocks: int = 2  # multiblock: K blocks in flight
     spawn_ratio: float = 0.85
     recycle: int = 4  # the "+ recycling" method's pool of rejected tails (0: no such method)
+    lookup: bool = True  # rolling Jacobi with prompt-lookup guesses (init "lookup"), base model and CLLM
 
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(self.block_sizes) or (self.block_size,)
 
 
-def _ours(name, loaded: LoadedModel, prompts, method: str, settings: EvalSettings, block_size=None, recycle=0):
+def _ours(name, loaded: LoadedModel, prompts, method: str, settings: EvalSettings, block_size=None, recycle=0,
+          init="prefix-sample"):  # fmt: skip
     decode = DecodeSettings(
         method=method, max_new_tokens=settings.max_new_tokens, block_size=block_size or settings.block_size,
-        eos_id=loaded.tokenizer.eos_token_id, blocks=settings.blocks, spawn_ratio=settings.spawn_ratio, recycle=recycle,
+        init=init, eos_id=loaded.tokenizer.eos_token_id, blocks=settings.blocks, spawn_ratio=settings.spawn_ratio,
+        recycle=recycle,
     )  # fmt: skip
     decoder = Decoder(loaded.model, decode)
     decoder.generate(prompts[:1])  # compile outside the timed run (one length bucket per prompt set)
@@ -119,23 +122,27 @@ def run_methods(
     progress: Callable[[str], None] = lambda name: None,
 ) -> list[MethodRun]:
     sizes = settings.sizes
-    plan = [("ar (base)", base, "ar", None, 0)]
+    plan = [("ar (base)", base, "ar", None, 0, "prefix-sample")]
     for n in sizes:
         suffix = f" n={n}" if len(sizes) > 1 else ""  # one size keeps the plain names
-        plan.append((f"jacobi (base){suffix}", base, "jacobi", n, 0))
+        plan.append((f"jacobi (base){suffix}", base, "jacobi", n, 0, "prefix-sample"))
+        if settings.lookup:  # what lookup alone gives, without consistency training
+            plan.append((f"jacobi-rolling + lookup (base){suffix}", base, "jacobi-rolling", n, 0, "lookup"))
         if cllm is not None:
             plan += [
-                (f"jacobi (cllm){suffix}", cllm, "jacobi", n, 0),
-                (f"jacobi-rolling (cllm){suffix}", cllm, "jacobi-rolling", n, 0),
-                (f"jacobi-multiblock (cllm){suffix}", cllm, "jacobi-multiblock", n, 0),
+                (f"jacobi (cllm){suffix}", cllm, "jacobi", n, 0, "prefix-sample"),
+                (f"jacobi-rolling (cllm){suffix}", cllm, "jacobi-rolling", n, 0, "prefix-sample"),
+                (f"jacobi-multiblock (cllm){suffix}", cllm, "jacobi-multiblock", n, 0, "prefix-sample"),
             ]
             if settings.recycle:  # 0 leaves the row out: on CPU each candidate row costs a whole window
                 plan.append((f"jacobi-multiblock + recycling (cllm){suffix}", cllm, "jacobi-multiblock", n,
-                             settings.recycle))  # fmt: skip
+                             settings.recycle, "prefix-sample"))  # fmt: skip
+            if settings.lookup:
+                plan.append((f"jacobi-rolling + lookup (cllm){suffix}", cllm, "jacobi-rolling", n, 0, "lookup"))
     runs = []
-    for name, loaded, method, n, recycle in plan:
+    for name, loaded, method, n, recycle, init in plan:
         progress(name)
-        runs.append(_ours(name, loaded, prompts, method, settings, n, recycle))
+        runs.append(_ours(name, loaded, prompts, method, settings, n, recycle, init))
     if settings.include_transformers:
         for name, lookup in [("transformers generate (base)", None),
                              (f"transformers prompt-lookup {settings.prompt_lookup_num_tokens} (base)",

@@ -44,6 +44,7 @@ class EvaluateStage:
     blocks: int = 2  # multiblock: K blocks in flight
     spawn_ratio: float = 0.85
     recycle: int = 4  # multiblock + recycling: the pool of rejected tails (0: leave that method out)
+    lookup: bool = True  # rolling Jacobi with prompt-lookup guesses, on the base model and the CLLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +212,7 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_b
         e = config.evaluate
         prompts = [base.tokenizer.chat_ids(x.prompt) for x in held_out]
         settings = EvalSettings(e.max_new_tokens, e.block_size, e.prompt_lookup_num_tokens, e.include_transformers,
-                                tuple(e.block_sizes or ()), e.blocks, e.spawn_ratio, e.recycle)  # fmt: skip
+                                tuple(e.block_sizes or ()), e.blocks, e.spawn_ratio, e.recycle, e.lookup)  # fmt: skip
         runs = run_methods(base, cllm, prompts, settings, progress=lambda name: say(f"[3/4] evaluate: {name}"))
         evaluation = {
             "methods": score(runs, held_out, base.tokenizer.decode),
