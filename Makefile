@@ -28,7 +28,7 @@ demo: setup
 
 # The full recipe: collect -> train -> evaluate -> report (the GPU recipe when JAX sees a GPU).
 cllm: setup
-	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k.yaml')")
+	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k_jf.yaml')")
 
 # Two processes, one test file each at a time: twice the cores, and no single process accumulates
 # the compiled programs of the whole suite.

@@ -27,9 +27,9 @@ def test_closing_statement_names_what_was_shown_and_the_next_command():
     # AR: 100 tokens in 100 passes, 4 s (40 ms a pass); Jacobi: 100 tokens in 95 passes, 9.5 s (100 ms a pass).
     ar = {"tokens_per_forward": 1.0, "tokens_per_second": 25.0, "seconds": 4.0, "forward_passes": 100}
     jacobi = {"tokens_per_forward": 100 / 95, "tokens_per_second": 100 / 9.5, "seconds": 9.5, "forward_passes": 95}
-    base = closing_statement(None, jacobi, ar, prompts=4)
+    base = closing_statement(None, jacobi, ar, prompts=4, block_size=16)
     assert "untrained base model" in base and "TPF 1.05" in base and "costs 2.5 one-token passes" in base
     assert "ran at 0.42x AR's speed" in base and base.rstrip().endswith("then rerun `make demo`.") and "`make cllm`" in base
-    cllm = closing_statement("runs/x/train/export", {**jacobi, "tokens_per_forward": 1.7}, ar, prompts=4)
+    cllm = closing_statement("runs/x/train/export", {**jacobi, "tokens_per_forward": 1.7}, ar, prompts=4, block_size=16)
     assert "the CLLM runs/x/train/export" in cllm and "1.70 tokens per forward pass" in cllm and "pays only above TPF 2.5" in cllm
     assert cllm.endswith("`.venv/bin/python decode.py chat --model runs/x/train/export`.")
