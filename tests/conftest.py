@@ -8,6 +8,16 @@ import pytest
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drop a test file's compiled programs when it ends: one xdist worker runs many files, and late in
+    one suite run a worker died in a segfault inside XLA's compiler (the file it was in passed alone)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """Our SmolLM2: the built-in default model (GGUF converted once to a cached Hugging Face dir)."""

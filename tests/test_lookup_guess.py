@@ -57,7 +57,7 @@ def test_lookup_reaches_the_ar_output(model, method, extra, batch_size):
     plain = decode(model, method="ar", max_new_tokens=40)
     stop = plain[0].token_ids[5]  # rows end at different times
     expected = decode(model, method="ar", max_new_tokens=40, eos_id=stop)
-    for block_size in (4, 8):
+    for block_size in (3, 8):  # 3: a window shorter than most matched spans
         out = decode(model, method=method, init="lookup", max_new_tokens=40, eos_id=stop, block_size=block_size,
                      batch_size=batch_size, **extra)  # fmt: skip
         assert [r.token_ids for r in out] == [r.token_ids for r in expected], block_size
@@ -84,7 +84,7 @@ def test_lookup_takes_fewer_passes_on_a_loop():
         assert passes["lookup"] < passes["prefix-sample"] / 2, (method, passes)  # measured: 127-129 -> 36-46
 
 
-@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("block_size", [8, 32])
 def test_smollm2_lookup_equals_ar(smollm2, gsm8k_chat_prompts, block_size):
     prompts = gsm8k_chat_prompts[:2]
     common = dict(max_new_tokens=48, eos_id=smollm2.tokenizer.eos_token_id)
