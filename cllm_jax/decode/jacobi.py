@@ -103,13 +103,18 @@ def token_metrics(last_change: jax.Array, keep: jax.Array) -> tuple[jax.Array, j
 
 
 def next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions, vocab):
-    """A fresh block: the known token `first` [B], then n - 1 guesses."""
+    """A fresh block: the known token `first` [B], then n - 1 guesses (by lookup where init is "lookup")."""
+    block = guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
+    return refill_by_lookup(block, prompt_tokens, prompt_lengths, progress, options)
+
+
+def guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions, vocab):
+    """`first` [B], then n - 1 drawn guesses, before any lookup: for windows that are looked up once whole."""
     rest = guess_tokens(
         key, row_seeds, prompt_lengths + progress.lengths, options.init, (first.shape[0], options.block_size - 1),
         first, prompt_tokens, prompt_lengths, progress.generated, progress.lengths, vocab, options.pad_id,
     )  # fmt: skip
-    block = jnp.concatenate([first[:, None], rest], axis=1)
-    return refill_by_lookup(block, prompt_tokens, prompt_lengths, progress, options)
+    return jnp.concatenate([first[:, None], rest], axis=1)
 
 
 def refill_by_lookup(window, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions):

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from cllm_jax.decode.autoregressive import DecodeOutput
 from cllm_jax.decode.guess import guess_tokens
-from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess, refill_by_lookup
+from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, guess_block, refill_by_lookup
 from cllm_jax.decode.prefill import truncate_at_eos
 from cllm_jax.decode.sampling import choose_tokens
 from cllm_jax.model.kv_cache import KVCache
@@ -86,13 +86,13 @@ class _State:
 def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, options: MultiblockOptions, vocab):
     """K * n draft slots of guesses; slot 0 is `first`, slots 1..n-1 are exactly rolling Jacobi's guesses."""
     o = options.jacobi
-    parts = [next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, p, o, vocab)]
+    parts = [guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, p, o, vocab)]
     for j in range(1, options.blocks):
         parts.append(guess_tokens(
             key, row_seeds, prompt_lengths + p.lengths + j * o.block_size, o.init, (first.shape[0], o.block_size),
             first, prompt_tokens, prompt_lengths, p.generated, p.lengths, vocab, o.pad_id,
         ))  # fmt: skip
-    return refill_by_lookup(jnp.concatenate(parts, axis=1), prompt_tokens, prompt_lengths, p, o)
+    return jnp.concatenate(parts, axis=1)
 
 
 def _candidates(window: jax.Array, pool: jax.Array) -> jax.Array:
@@ -151,6 +151,7 @@ def generate_multiblock(
     progress = dataclasses.replace(progress, generated=jnp.pad(progress.generated, ((0, 0), (0, width - n))))
     # Slots 0..n-1 repeat `block` (the same guesses), the rest are guesses for blocks not yet spawned.
     window = _guesses(key, row_seeds, block[:, 0], prompt_tokens, prompt_lengths, progress, options, vocab)
+    window = refill_by_lookup(window, prompt_tokens, prompt_lengths, progress, o)
     if recycle:
         # One cache row per candidate: each shares the committed prefix (copied here once, then kept in step).
         cache = cache.map_layers(lambda layer: jnp.repeat(layer, group, axis=0))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cllm_jax.decode.autoregressive import DecodeOutput
-from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, next_guess, refill_by_lookup
+from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, guess_block, refill_by_lookup
 from cllm_jax.decode.prefill import truncate_at_eos
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
@@ -76,7 +76,7 @@ def generate_rolling_jacobi(
         # the remaining predictions, then fresh guesses for the k - 1 slots freed at the end.
         source = accepted[:, None] - 1 + offsets
         shifted = jnp.take_along_axis(predicted, jnp.minimum(source, n - 1), axis=1)
-        guesses = next_guess(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, options, vocab)
+        guesses = guess_block(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, options, vocab)
         from_prediction = source < n
         new_window = jnp.where(from_prediction, shifted, guesses)
         new_window = refill_by_lookup(new_window, prompt_tokens, prompt_lengths, p, options)
