@@ -5,6 +5,11 @@ Random weights of the real shapes, created on the device (nothing to download or
                each layer loop (scan over stacked weights, per-layer arrays; `auto` marks the default)
   pass_ms      one forward pass of n tokens against the KV cache, n = 1, 8, 16, 32, 64 (a Jacobi
                iteration of block size n; n = 1 is an AR step), measured as a jitted loop of passes
+  decode       the whole decoding loop of rolling Jacobi with lookup guesses (the fastest exact method
+               measured on the CPU) at n = 8 and 16: ms per forward pass, verification and guessing
+               included, and its break-even TPF = that / our AR's ms per token. Random weights make the
+               TPF itself meaningless; a trained model's TPF (device-independent) over the break-even
+               is its speedup on this device.
   transformers `generate` (torch, greedy, same shape and dtype; CPU torch on a CPU) with the dynamic
                and the static cache (on CUDA transformers compiles the static-cache forward itself)
   roofline     bytes read per token (weights except the embedding lookup, plus the KV cache filled
@@ -221,6 +226,16 @@ def time_transformers(hf: dict, dtype: str, prompt, new_tokens: int, repeats: in
     return out
 
 
+def time_decode(model, prompt, new_tokens: int, method: str, n: int, init: str, repeats: int) -> dict:
+    from cllm_jax.decode.engine import Decoder, DecodeSettings
+
+    decoder = Decoder(model, DecodeSettings(method=method, max_new_tokens=new_tokens, block_size=n, init=init))
+    decoder.generate([prompt])  # compiles
+    best = min((decoder.generate([prompt])[0] for _ in range(repeats)), key=lambda g: g.seconds / g.forward_passes)
+    return {"method": method, "init": init, "block_size": n, "forward_passes": best.forward_passes,
+            "tokens": len(best.token_ids), "ms_per_pass": 1e3 * best.seconds / best.forward_passes}
+
+
 def bench_shape(shape: str, args, clock) -> dict:
     import jax
 
@@ -243,7 +258,11 @@ def bench_shape(shape: str, args, clock) -> dict:
         if clock() > args.budget_s:
             row["skipped"].append(name)
             return None
-        return fn()
+        try:
+            return fn()
+        except ModuleNotFoundError as e:  # an accelerator image without torch/optax: measure the rest
+            row["skipped"].append(f"{name} (no module {e.name})")
+            return None
 
     if "transformers" not in args.skip:  # first, before JAX holds device memory
         row["transformers"] = optional("transformers", lambda: time_transformers(
@@ -264,8 +283,18 @@ def bench_shape(shape: str, args, clock) -> dict:
                 model, args.prompt, args.cache, n, args.passes, args.repeats))
             if result:
                 row["pass_ms"][loop][str(n)] = result["ms"]
+        if is_auto:
+            row["decode"] = {}
+            for n in args.decode_sizes:
+                result = optional(f"decode/{n}", lambda: time_decode(
+                    model, prompt, args.new_tokens, "jacobi-rolling", n, "lookup", args.repeats))
+                if result:
+                    row["decode"][str(n)] = result
     del model
     ours = row["ar"].get(auto)
+    if ours:
+        for result in row.get("decode", {}).values():
+            result["break_even_tpf"] = result["ms_per_pass"] / ours["ms_per_token"]
     if ours and row["roofline"]["tokens_per_s"]:
         row["roofline"]["share"] = ours["tokens_per_s"] / row["roofline"]["tokens_per_s"]
     passes = row["pass_ms"].get(auto, {})
@@ -294,6 +323,9 @@ def print_shape(shape: str, row: dict) -> None:
             print(f"  transformers generate, {name} cache: {t['tokens_per_s']:.1f} tok/s")
     for loop, passes in row["pass_ms"].items():
         print(f"  pass ms ({loop}): " + ", ".join(f"n={n}: {ms:.2f}" for n, ms in passes.items()))
+    for n, d in row.get("decode", {}).items():
+        print(f"  rolling Jacobi + lookup, n={n}: {d['ms_per_pass']:.2f} ms/pass"
+              + (f", break-even TPF {d['break_even_tpf']:.2f}" if "break_even_tpf" in d else ""))
     roof = row["roofline"]
     if roof["tokens_per_s"]:
         share = f", reached {100 * roof['share']:.0f}%" if "share" in roof else ""
@@ -317,6 +349,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256; tiny: 32")
     parser.add_argument("--cache", type=int, default=None, help="KV slots of the pass timings (default 512; tiny 128)")
     parser.add_argument("--block-sizes", default="1,8,16,32,64")
+    parser.add_argument("--decode-sizes", default="8,16", help="block sizes of the decoding-loop timings")
     parser.add_argument("--passes", type=int, default=None, help="passes per timed loop (default 16; tiny 4)")
     parser.add_argument("--layer-loops", default="scan,per_layer",
                         help="loops to time; the default (auto) loop gets every block size, the others n=1")
@@ -344,6 +377,7 @@ def main(argv=None) -> dict:
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
     args.block_sizes = [int(n) for n in args.block_sizes.split(",")]
+    args.decode_sizes = [int(n) for n in args.decode_sizes.split(",") if n]
     args.layer_loops = [x for x in args.layer_loops.split(",") if x]
     args.skip = set(filter(None, args.skip.split(",")))
     shapes = args.shapes.split(",")

@@ -32,6 +32,10 @@ def test_report_has_every_measurement(report):
     assert sorted(row["pass_ms"]["scan"], key=int) == ["1", "8", "16", "32", "64"]
     assert list(row["pass_ms"]["per_layer"]) == ["1"]
     assert row["pass_ratio"]["1"] == 1.0
+    for n in ("8", "16"):  # the whole rolling + lookup loop: ms per pass against AR's ms per token
+        d = row["decode"][n]
+        assert d["block_size"] == int(n) and d["init"] == "lookup" and 1 <= d["forward_passes"] <= 32
+        assert d["break_even_tpf"] == pytest.approx(d["ms_per_pass"] / row["ar"]["scan"]["ms_per_token"])
     for cache in ("dynamic", "static"):
         assert row["transformers"][cache]["tokens_per_s"] > 0
     assert row["speedup_vs_static"] > 0
