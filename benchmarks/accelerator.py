@@ -100,15 +100,21 @@ def weight_read_bytes(config) -> int:
     return (param_count(config) - lookup_only) * np.dtype(config.dtype).itemsize
 
 
-def time_ar(model, prompt, new_tokens: int, repeats: int) -> dict:
+def timed_generation(model, prompt, repeats: int, **settings):
+    """One prompt decoded under DecodeSettings(**settings): (the fastest of `repeats` timed runs, the first
+    run, which compiled). Every run makes the same tokens and passes (greedy, no EOS)."""
     from cllm_jax.decode.engine import Decoder, DecodeSettings
 
-    decoder = Decoder(model, DecodeSettings(method="ar", max_new_tokens=new_tokens))
+    decoder = Decoder(model, DecodeSettings(**settings))
     first = decoder.generate([prompt])[0]  # compiles
-    best = min(decoder.generate([prompt])[0].seconds for _ in range(repeats))
-    tokens = len(first.token_ids)
-    return {"tokens": tokens, "seconds": best, "tokens_per_s": tokens / best, "ms_per_token": 1e3 * best / tokens,
-            "compile_s": first.compile_seconds}
+    return min((decoder.generate([prompt])[0] for _ in range(repeats)), key=lambda g: g.seconds), first
+
+
+def time_ar(model, prompt, new_tokens: int, repeats: int) -> dict:
+    best, first = timed_generation(model, prompt, repeats, method="ar", max_new_tokens=new_tokens)
+    tokens, seconds = len(best.token_ids), best.seconds
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ms_per_token": 1e3 * seconds / tokens, "compile_s": first.compile_seconds}
 
 
 def time_passes(model, prompt_len: int, cache_len: int, n: int, passes: int, repeats: int) -> dict:
@@ -227,11 +233,8 @@ def time_transformers(hf: dict, dtype: str, prompt, new_tokens: int, repeats: in
 
 
 def time_decode(model, prompt, new_tokens: int, method: str, n: int, init: str, repeats: int) -> dict:
-    from cllm_jax.decode.engine import Decoder, DecodeSettings
-
-    decoder = Decoder(model, DecodeSettings(method=method, max_new_tokens=new_tokens, block_size=n, init=init))
-    decoder.generate([prompt])  # compiles
-    best = min((decoder.generate([prompt])[0] for _ in range(repeats)), key=lambda g: g.seconds / g.forward_passes)
+    best, _ = timed_generation(model, prompt, repeats, method=method, max_new_tokens=new_tokens, block_size=n,
+                               init=init)  # fmt: skip
     return {"method": method, "init": init, "block_size": n, "forward_passes": best.forward_passes,
             "tokens": len(best.token_ids), "ms_per_pass": 1e3 * best.seconds / best.forward_passes}
 

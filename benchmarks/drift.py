@@ -49,8 +49,9 @@ def drift(model, base_choices: list[tuple], texts: list[tuple[list[int], list[in
         ids = prompt + generation
         choice, _ = greedy_choices(model, ids)
         at = slice(len(prompt) - 1, len(ids) - 1)  # the positions that predict the generated tokens
-        differ = np.nonzero(choice[at] != base_choice[at])[0]
-        mismatches.append(float(np.mean(choice[at] != base_choice[at])))
+        mismatch = choice[at] != base_choice[at]
+        differ = np.nonzero(mismatch)[0]
+        mismatches.append(float(np.mean(mismatch)))
         first = int(differ[0]) if len(differ) else len(generation)
         firsts.append(first)
         if len(differ):
