@@ -39,6 +39,15 @@ def _drop_orbax_tracebacks(record: logging.LogRecord) -> bool:
     return True
 
 
+def _drop_abandoned_checkpoint_writes(record: logging.LogRecord) -> bool:
+    # The other writes of a failed save end as futures and tasks nobody awaits; asyncio logs each one
+    # ("... exception was never retrieved") when it is collected, which may be after the command
+    # returned. The save's error is already the one line reported. A task's traceback runs through
+    # orbax; a future's exception has none, so it is known by orbax's temporary directory in its text.
+    error = record.exc_info[1] if record.exc_info else None
+    return _drop_orbax_tracebacks(record) and not (error is not None and ".orbax-checkpoint-tmp" in str(error))
+
+
 def _drop_closed_loop_callbacks() -> None:
     """Wrap sys.unraisablehook (once) to ignore tensorstore's callbacks into a closed event loop.
 
@@ -72,6 +81,10 @@ def _one_line_reports():
     warnings.showwarning = show
     _drop_closed_loop_callbacks()
     absl.addFilter(_drop_orbax_tracebacks)
+    # stays after the command (addFilter ignores a second add): the records may come at exit
+    logging.getLogger("asyncio").addFilter(_drop_abandoned_checkpoint_writes)
+    # ... and the writes of a failed save never started warn at interpreter exit that they were never awaited
+    warnings.filterwarnings("ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning)
     try:
         yield
     finally:
