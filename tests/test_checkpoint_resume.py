@@ -101,6 +101,42 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, inputs):
         np.testing.assert_allclose(tensors_b[name], tensors_a[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+def test_a_distilling_run_resumes_against_the_loaded_base_model(tmp_path, inputs):
+    """loss.ar_target=base: after a resume the AR term still distils the model loaded from model.path
+    (not the checkpoint's trained one), so the losses equal an uninterrupted run's. The first step's
+    AR term is the base's own entropy, below the hard-label cross-entropy of the same step."""
+    from cllm_jax.checkpoint import Checkpointer
+    from cllm_jax.train.config import load_config
+    from cllm_jax.train.loop import run
+    from cllm_jax.train.metrics_log import read_metrics
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step):
+        if step == 5:
+            raise Stop
+
+    distil = {"ar_target": "base"}
+    run_in_process(write_config(tmp_path / "a.yaml", tmp_path / "a", *inputs, loss=distil))
+    config_b = write_config(tmp_path / "b.yaml", tmp_path / "b", *inputs, loss=distil)
+    with pytest.raises(Stop):
+        run(load_config(config_b), after_step=stop_at_5)
+    assert Checkpointer(tmp_path / "b" / "checkpoints").all_steps() == [3]
+    run_in_process(config_b)  # resumes from the step-3 checkpoint
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == list(range(1, 9))
+    for key in ("loss", "loss_ar", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=1e-6, err_msg=key)
+    hard = run_in_process(write_config(tmp_path / "c.yaml", tmp_path / "c", *inputs, optim={"max_steps": 1}))
+    assert 0 < a[0]["loss_ar"] < hard.last_metrics["loss_ar"]
+    # a run written before the key existed resumes at its default (tokens)
+    stored = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    del stored["loss"]["ar_target"]
+    (tmp_path / "c" / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert run_in_process(tmp_path / "c.yaml").steps == 1
+
+
 def test_export_loads_as_a_model_and_config_is_saved(tmp_path, inputs):
     from cllm_jax.checkpoint import latest_export
     from cllm_jax.errors import CheckpointError, ConfigError

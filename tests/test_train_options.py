@@ -270,6 +270,51 @@ def test_packed_loss_equals_separate_forwards(context, norm, schedule, count):
     assert int((micro["group"] >= 0).sum()) == len(records[-1].teacher_output_ids) + count * 3 * 4
 
 
+def test_distilled_ar_term_equals_separate_forwards_of_both_models():
+    """ar_target=base: the AR term is -sum p_base log q over the generation up to its EOS, with p_base
+    from a separate forward of another (frozen) model over the clean chain."""
+    student = port(torch_model("llama", num_key_value_heads=2))
+    base = port(torch_model("llama", seed=4, num_key_value_heads=2))
+    records = prompt_records()
+    spec = BatchSpec(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
+    hb = DataSource(records, spec).batch(0, 0, (1, 1))
+    micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
+    denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
+    graphdef, params = nnx.split(student)
+    options = StepOptions(layout="packed", remat=False, ar_target="base")
+    _, (cons, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options, base_params=b))(
+        params, nnx.state(base))
+
+    chain, prompt_len = list(records[-1].teacher_output_ids), records[0].prompt_ids_len
+    log_q = np_log_softmax(np.asarray(_logits(student, jnp.asarray(chain)), np.float64))
+    p = np.exp(np_log_softmax(np.asarray(_logits(base, jnp.asarray(chain)), np.float64)))
+    eos_at = prompt_len + chain[prompt_len:].index(EOS)
+    soft_ce = [-(p[t - 1] * log_q[t - 1]).sum() for t in range(prompt_len, eos_at + 1)]
+    np.testing.assert_allclose(float(ar), np.mean(soft_ce), rtol=2e-5)
+    # the consistency term does not depend on the AR target
+    np.testing.assert_allclose(float(cons), packed_terms(student, records, spec)[1], rtol=1e-6)
+
+
+def test_distilled_ar_term_on_per_record_rows():
+    student = port(torch_model("llama", num_key_value_heads=2))
+    base = port(torch_model("llama", seed=4, num_key_value_heads=2))
+    hb = DataSource(prompt_records(), BatchSpec(eos_id=EOS, shuffle=False, pad_multiple=8)).batch(0, 0, (1, 2))
+    micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
+    denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
+    graphdef, params = nnx.split(student)
+    options = StepOptions(remat=False, ar_target="base")
+    _, (_, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options, base_params=b))(
+        params, nnx.state(base))
+    total, count = 0.0, 0.0
+    for tokens, weights in zip(np.asarray(micro["ar_tokens"]), np.asarray(micro["ar_weights"])):
+        log_q = np_log_softmax(np.asarray(_logits(student, jnp.asarray(tokens)), np.float64))
+        p = np.exp(np_log_softmax(np.asarray(_logits(base, jnp.asarray(tokens)), np.float64)))
+        total += float((-(p * log_q).sum(-1) * weights).sum())
+        count += float(weights.sum())
+    assert count > 0
+    np.testing.assert_allclose(float(ar), total / count, rtol=2e-5)
+
+
 def test_sparse_vocabulary_projection_equals_the_dense_one():
     """The packed step projects only weighted positions; projecting every position of the row and
     weighting with scattered dense arrays (the old computation) gives the same loss and gradient."""

@@ -72,6 +72,9 @@ class LossSection:
     distance: str = "forward_kl"  # forward_kl (reference soft CE) | reverse_kl | js
     ar_weight: float = 10.0
     label_smoothing: float = 0.0  # 0: off (Jacobi Forcing); the reference uses 0.1
+    # tokens: cross-entropy on the fixed point's tokens (reference, Jacobi Forcing) | base: soft
+    # cross-entropy to the frozen base model's distributions there (distillation; one more forward)
+    ar_target: str = "tokens"
     # Defaults: Jacobi Forcing's loss; the reference (today's recipe): ar_on_prompt=true,
     # ar_after_eos=true, consistency_norm=tokens, student_eos_pads=true, label_smoothing=0.1.
     ar_on_prompt: bool = False  # AR targets on the prompt too (the reference; ~87% of its AR gradient)
@@ -145,6 +148,7 @@ class TrainConfig:
             "data.ar_source": (self.data.ar_source, ("teacher", "labels")),
             "loss.consistency": (self.loss.consistency, ("global", "local")),
             "loss.distance": (self.loss.distance, ("forward_kl", "reverse_kl", "js")),
+            "loss.ar_target": (self.loss.ar_target, ("tokens", "base")),
             "loss.consistency_norm": (self.loss.consistency_norm, ("tokens", "blocks")),
             "data.noise_schedule": (self.data.noise_schedule, ("uniform", "progressive", "reverse", "random")),
             "data.context": (self.data.context, ("noisy", "clean")),

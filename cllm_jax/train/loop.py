@@ -83,9 +83,16 @@ def _check_resume_config(run_dir: Path, config: TrainConfig) -> None:
     if not stored_file.is_file():
         return
     stored, now = yaml.safe_load(stored_file.read_text(encoding="utf-8")) or {}, config.to_dict()
-    diffs = [f"{section}.{k}: {stored.get(section, {}).get(k)!r} there, {v!r} now"
+    # A key missing there (added since the run was written) counts at its default, so that older
+    # runs still resume; a new key's default keeps the behaviour from before it (loss.ar_target).
+    defaults = TrainConfig().to_dict()
+
+    def stored_value(section: str, key: str):
+        return stored.get(section, {}).get(key, defaults[section][key])
+
+    diffs = [f"{section}.{k}: {stored_value(section, k)!r} there, {v!r} now"
              for section, values in now.items() if isinstance(values, dict) and section not in _RESUMABLE_CHANGES
-             for k, v in values.items() if stored.get(section, {}).get(k) != v
+             for k, v in values.items() if stored_value(section, k) != v
              and f"{section}.{k}" not in _RESUMABLE_CHANGES]
     diffs += [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in now.items()
               if not isinstance(v, dict) and k not in _RESUMABLE_CHANGES and stored.get(k) != v]
@@ -163,6 +170,9 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
                                 f"batch settings; resume with the same optim.batch_size and grad_accum")
         else:
             state = step_lib.init_state(jax.device_get(params), tx, shardings, config.seed)
+        # the loaded model is the base model on a resume too: checkpoints hold only the trained one
+        base = ((step_lib.place_params(jax.device_get(params), shardings.params),)
+                if config.loss.ar_target == "base" else ())
         del params, model
 
         def position(step: int) -> tuple[int, int]:
@@ -186,7 +196,7 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
                         graphdef, tx, schedule, _step_options(config, spec), mesh, shardings,
                         {k: v.ndim for k, v in hb.arrays.items()})
                 t0 = time.perf_counter()
-                state, device_metrics = step_fn(state, batch)
+                state, device_metrics = step_fn(state, batch, *base)
                 next_batch = host_batch(step + 1) if step + 1 < total else None  # overlaps the step
                 metrics = {k: float(v) for k, v in distributed.to_host(device_metrics).items()}
                 elapsed = time.perf_counter() - t0
@@ -222,6 +232,7 @@ def _position(step: int, steps_per_epoch: int, per_step: int) -> tuple[int, int]
 def _step_options(config: TrainConfig, spec: BatchSpec) -> step_lib.StepOptions:
     return step_lib.StepOptions(layout=spec.layout, consistency=spec.consistency, distance=config.loss.distance,
                                 ar_weight=config.loss.ar_weight, label_smoothing=config.loss.label_smoothing,
+                                ar_target=config.loss.ar_target,
                                 shared_target=spec.shared_target, remat=config.model.remat)
 
 

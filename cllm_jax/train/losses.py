@@ -11,6 +11,9 @@ AR: next-token cross-entropy with optional label smoothing (eps = 0: plain cross
 Jacobi Forcing), exactly as transformers' `LabelSmoother` (which the reference trainer calls with
 eps = 0.1): (1 - eps) * mean NLL + eps * mean over tokens and vocabulary of -log q.
 
+Distilled AR (loss.ar_target=base): `consistency_loss` with the frozen base model's logits as the
+target and the AR weights as the mask, i.e. the soft cross-entropy to the base at the AR positions.
+
 Normalisation: each term is a sum over the selected positions divided by `denom` (by default the
 number of selected positions in the arrays given). The train step passes the count over the whole
 global batch, so that gradient accumulation over micro-batches equals one large batch.

@@ -5,7 +5,9 @@
 the token counts of the whole global batch, so accumulation equals one large batch), then applies
 one AdamW update. The packed layout projects to the vocabulary only the hidden states a loss weighs
 (`ar_index`, `cons_student`, `cons_target`, padded to a few bucket sizes), not every position: at
-SmolLM2's 49k vocabulary the projection is a large share of a step. `compile_train_step` wraps it
+SmolLM2's 49k vocabulary the projection is a large share of a step. With `ar_target="base"` the AR
+term distils the frozen base model's next-token distributions (`base_params`, one more forward pass
+without a backward) instead of the fixed point's tokens. `compile_train_step` wraps it
 in `jax.jit` with explicit in/out shardings and the state donated, so parameters and optimizer
 state are updated in place on their devices.
 """
@@ -45,6 +47,7 @@ class StepOptions:
     distance: str = "forward_kl"
     ar_weight: float = 10.0
     label_smoothing: float = 0.0
+    ar_target: str = "tokens"  # tokens: cross-entropy on the fixed point | base: the base model's distributions
     shared_target: bool = True
     remat: bool | str = True  # none | dots | full, True/False = full/none (cllm_jax.model.layers.rematerialize)
 
@@ -87,10 +90,20 @@ def _hidden(model, tokens, mesh, remat, positions=None, mask=None):
     return mesh_lib.constrain(hidden, mesh, ("batch", "length", "act_embed"))
 
 
-def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOptions, mesh=None):
+def _base_logits(graphdef, base_params, micro: dict, options: StepOptions, mesh, mask):
+    """The frozen base model's logits at the AR positions: the same rows, nothing to differentiate."""
+    base = nnx.merge(graphdef, jax.lax.stop_gradient(base_params))
+    if options.layout == "packed":
+        return base.logits(_gather(_hidden(base, micro["tokens"], mesh, False, micro["positions"], mask),
+                                   micro["ar_index"]))
+    return base.logits(_hidden(base, micro["ar_tokens"], mesh, False))
+
+
+def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOptions, mesh=None, base_params=None):
     """(total loss, (consistency, ar)) of one micro-batch; both terms divided by global counts."""
     cons_denom, ar_denom = denoms
     model = nnx.merge(graphdef, params)
+    mask = None
     if options.layout == "packed":
         mask = packed_attention_mask(micro["group"], micro["chain_limit"])
         h = _hidden(model, micro["tokens"], mesh, options.remat, micro["positions"], mask)
@@ -111,21 +124,29 @@ def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOption
     ar_logits = mesh_lib.constrain(ar_logits, mesh, ("batch", "length", "act_vocab"))
     cons = losses.consistency_loss(student_logits, jax.lax.stop_gradient(target_logits), micro["cons_mask"],
                                    options.distance, denom=cons_denom)
-    ar = losses.ar_loss(ar_logits, micro["ar_labels"], micro["ar_weights"], options.label_smoothing,
-                        denom=ar_denom)
+    if options.ar_target == "base":
+        # Distillation keeps the ranking of the base's near-ties, which one-hot labels do not (the
+        # CLLM's greedy text leaves the base's where its top-2 margin is small: benchmarks/drift.py).
+        base_logits = _base_logits(graphdef, base_params, micro, options, mesh, mask)
+        ar = losses.consistency_loss(ar_logits, base_logits, micro["ar_weights"], "forward_kl", denom=ar_denom)
+    else:
+        ar = losses.ar_loss(ar_logits, micro["ar_labels"], micro["ar_weights"], options.label_smoothing,
+                            denom=ar_denom)
     return cons + options.ar_weight * ar, (cons, ar)
 
 
-def train_step(graphdef, state: TrainState, batch: dict, *, tx, schedule, options: StepOptions,
-               mesh=None, grad_shardings=None) -> tuple[TrainState, dict]:
-    """One optimizer step over a [grad_accum, batch, ...] batch. Pure; jit it with `compile_train_step`."""
+def train_step(graphdef, state: TrainState, batch: dict, base_params=None, *, tx, schedule,
+               options: StepOptions, mesh=None, grad_shardings=None) -> tuple[TrainState, dict]:
+    """One optimizer step over a [grad_accum, batch, ...] batch. Pure; jit it with `compile_train_step`.
+
+    base_params: the base model's parameters when options.ar_target == "base", else None."""
     # cons_mask sums to a whole number: 1 per token (tokens norm) or 1 per block (blocks norm, each
     # block's weights 1/count); rounding makes it exact whatever the summation order (sharding)
     denoms = (jnp.round(jnp.sum(batch["cons_mask"])), jnp.sum(batch["ar_weights"]))
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def accumulate(grads, micro):
-        (_, terms), g = grad_fn(state.params, graphdef, micro, denoms, options, mesh)
+        (_, terms), g = grad_fn(state.params, graphdef, micro, denoms, options, mesh, base_params)
         grads = jax.tree.map(jnp.add, grads, g)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
@@ -174,9 +195,14 @@ def _place(value, sharding):
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def place_params(params, shardings):
+    """Host (or single-device) parameters as arrays on the mesh, sharded as `shardings`."""
+    return jax.tree.map(_place, params, shardings)
+
+
 def init_state(params, tx, shardings: TrainState, seed: int = 0) -> TrainState:
     """A fresh TrainState on the mesh from host (or single-device) parameters."""
-    params = jax.tree.map(_place, params, shardings.params)
+    params = place_params(params, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
@@ -185,9 +211,11 @@ def init_state(params, tx, shardings: TrainState, seed: int = 0) -> TrainState:
 
 def compile_train_step(graphdef, tx, schedule, options: StepOptions, mesh, shardings: TrainState,
                        batch_ndims: dict[str, int]):
-    """jax.jit(train_step) with explicit in/out shardings and the state donated."""
+    """jax.jit(train_step) with explicit in/out shardings and the state donated: (state, batch) ->
+    (state, metrics), or (state, batch, base_params) when options.ar_target == "base"."""
     fn = functools.partial(train_step, graphdef, tx=tx, schedule=schedule, options=options, mesh=mesh,
                            grad_shardings=shardings.params)
     batch_sh = {k: mesh_lib.batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
-    return jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, mesh_lib.replicated(mesh)),
-                   donate_argnums=(0,))
+    base_sh = (shardings.params,) if options.ar_target == "base" else ()
+    return jax.jit(fn, in_shardings=(shardings, batch_sh, *base_sh),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
