@@ -244,12 +244,16 @@ def brute_force_losses(model, records, spec, epoch=0, example=0):
     return cons, ar
 
 
-def packed_terms(model, records, spec, options=StepOptions(layout="packed", remat=False)):
-    hb = DataSource(records, spec).batch(0, 0, (1, 1))
+def loss_terms(model, records, spec, options=StepOptions(layout="packed", remat=False), rows=1, base=None):
+    """(micro-batch, consistency, AR, total) of the first `rows` rows; `base`: the model an
+    ar_target=base step distils."""
+    hb = DataSource(records, spec).batch(0, 0, (1, rows))
     micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
     denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
     graphdef, params = nnx.split(model)
-    total, (cons, ar) = jax.jit(lambda p: micro_loss(p, graphdef, micro, denoms, options))(params)
+    base_params = None if base is None else nnx.state(base)
+    total, (cons, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options, base_params=b))(
+        params, base_params)
     return micro, float(cons), float(ar), float(total)
 
 
@@ -261,7 +265,7 @@ def test_packed_loss_equals_separate_forwards(context, norm, schedule, count):
     records = prompt_records()
     spec = BatchSpec(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, context=context,
                      consistency_norm=norm, noise_schedule=schedule, states_per_block=count, noise_window=4)
-    micro, cons, ar, total = packed_terms(model, records, spec)
+    micro, cons, ar, total = loss_terms(model, records, spec)
     ref_cons, ref_ar = brute_force_losses(model, records, spec)
     np.testing.assert_allclose(cons, ref_cons, rtol=2e-5)
     np.testing.assert_allclose(ar, ref_ar, rtol=2e-5)
@@ -277,34 +281,24 @@ def test_distilled_ar_term_equals_separate_forwards_of_both_models():
     base = port(torch_model("llama", seed=4, num_key_value_heads=2))
     records = prompt_records()
     spec = BatchSpec(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
-    hb = DataSource(records, spec).batch(0, 0, (1, 1))
-    micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
-    denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
-    graphdef, params = nnx.split(student)
-    options = StepOptions(layout="packed", remat=False, ar_target="base")
-    _, (cons, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options, base_params=b))(
-        params, nnx.state(base))
+    _, cons, ar, _ = loss_terms(student, records, spec, StepOptions(layout="packed", remat=False, ar_target="base"),
+                                  base=base)
 
     chain, prompt_len = list(records[-1].teacher_output_ids), records[0].prompt_ids_len
     log_q = np_log_softmax(np.asarray(_logits(student, jnp.asarray(chain)), np.float64))
     p = np.exp(np_log_softmax(np.asarray(_logits(base, jnp.asarray(chain)), np.float64)))
     eos_at = prompt_len + chain[prompt_len:].index(EOS)
     soft_ce = [-(p[t - 1] * log_q[t - 1]).sum() for t in range(prompt_len, eos_at + 1)]
-    np.testing.assert_allclose(float(ar), np.mean(soft_ce), rtol=2e-5)
+    np.testing.assert_allclose(ar, np.mean(soft_ce), rtol=2e-5)
     # the consistency term does not depend on the AR target
-    np.testing.assert_allclose(float(cons), packed_terms(student, records, spec)[1], rtol=1e-6)
+    np.testing.assert_allclose(cons, loss_terms(student, records, spec)[1], rtol=1e-6)
 
 
 def test_distilled_ar_term_on_per_record_rows():
     student = port(torch_model("llama", num_key_value_heads=2))
     base = port(torch_model("llama", seed=4, num_key_value_heads=2))
-    hb = DataSource(prompt_records(), BatchSpec(eos_id=EOS, shuffle=False, pad_multiple=8)).batch(0, 0, (1, 2))
-    micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
-    denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
-    graphdef, params = nnx.split(student)
-    options = StepOptions(remat=False, ar_target="base")
-    _, (_, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options, base_params=b))(
-        params, nnx.state(base))
+    micro, _, ar, _ = loss_terms(student, prompt_records(), BatchSpec(eos_id=EOS, shuffle=False, pad_multiple=8),
+                                   StepOptions(remat=False, ar_target="base"), rows=2, base=base)
     total, count = 0.0, 0.0
     for tokens, weights in zip(np.asarray(micro["ar_tokens"]), np.asarray(micro["ar_weights"])):
         log_q = np_log_softmax(np.asarray(_logits(student, jnp.asarray(tokens)), np.float64))
@@ -312,7 +306,7 @@ def test_distilled_ar_term_on_per_record_rows():
         total += float((-(p * log_q).sum(-1) * weights).sum())
         count += float(weights.sum())
     assert count > 0
-    np.testing.assert_allclose(float(ar), total / count, rtol=2e-5)
+    np.testing.assert_allclose(ar, total / count, rtol=2e-5)
 
 
 def test_sparse_vocabulary_projection_equals_the_dense_one():
