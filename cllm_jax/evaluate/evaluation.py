@@ -52,8 +52,9 @@ class EvalSettings:
         return tuple(self.block_sizes) or (self.block_size,)
 
 
-def _ours(name, loaded: LoadedModel, prompts, method: str, settings: EvalSettings, block_size=None, recycle=0,
-          init="prefix-sample"):  # fmt: skip
+def decode_run(name, loaded: LoadedModel, prompts, method: str, settings: EvalSettings, block_size=None, recycle=0,
+               init="prefix-sample") -> MethodRun:  # fmt: skip
+    """One method of ours over every prompt, batch 1, compiled before the timed run."""
     decode = DecodeSettings(
         method=method, max_new_tokens=settings.max_new_tokens, block_size=block_size or settings.block_size,
         init=init, eos_id=loaded.tokenizer.eos_token_id, blocks=settings.blocks, spawn_ratio=settings.spawn_ratio,
@@ -142,7 +143,7 @@ def run_methods(
     runs = []
     for name, loaded, method, n, recycle, init in plan:
         progress(name)
-        runs.append(_ours(name, loaded, prompts, method, settings, n, recycle, init))
+        runs.append(decode_run(name, loaded, prompts, method, settings, n, recycle, init))
     if settings.include_transformers:
         for name, lookup in [("transformers generate (base)", None),
                              (f"transformers prompt-lookup {settings.prompt_lookup_num_tokens} (base)",
