@@ -36,7 +36,8 @@ class ModelSection:
         if self.layer_loop not in ("auto", "scan", "per_layer"):
             raise ConfigError(f"model.layer_loop={self.layer_loop!r} is not one of auto, scan, per_layer")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+            valid = ", ".join(ATTENTION_IMPLEMENTATIONS)
+            raise ConfigError(f"model.attention={self.attention!r} is not one of {valid}")
         try:
             remat_policy_name(self.remat)
         except ConfigError:
