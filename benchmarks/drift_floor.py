@@ -3,15 +3,15 @@
     python benchmarks/drift_floor.py [--prompts 50] [--noise 1e-3 6e-3 3e-2] [--models RUN_OR_EXPORT ...]
 
 No training here. The base model's weights are changed in ways that cannot have learnt anything:
-  bf16 rounding   every weight rounded to bfloat16, computed in fp32 (each weight off by <= 2^-9 of itself)
+  bf16 rounding   every weight rounded to bfloat16, computed in fp32 (each weight off by <= 2^-8 of itself)
   noise EPS       every weight w -> w * (1 + EPS * N(0, 1)), one fixed seed
 and, with --models, trained CLLMs beside them. Each decodes the evaluation's held-out GSM8K problems
 greedily with our AR (the output every exact Jacobi method reproduces), and is scored as the
 evaluation scores a method against the base model's AR: same final answer, identical generation,
 base_nll_ratio. Beside each, the relative weight change ||w' - w|| / ||w|| over all parameters.
 
-If rounding the weights to bf16 already parts most answers, no fine-tune that moves the weights
-further (every CLLM does, by orders of magnitude) can keep them, whatever its loss. Writes
+If rounding the weights to bf16 already parts answers, no fine-tune that moves the weights
+further (the CLLMs here moved theirs 3 to 30 times as far) can keep them, whatever its loss. Writes
 reports/drift/floor.json and floor.png (or --out).
 """
 
