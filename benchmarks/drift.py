@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cllm_jax.data.prompts import load_prompts
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 from cllm_jax.decode.prefill import bucket_length
 from cllm_jax.evaluate.machine import describe_machine
 from cllm_jax.weights.load import load_model
@@ -77,8 +77,8 @@ def main() -> None:
 
     base = load_model(args.base)
     prompts = [base.tokenizer.chat_ids(e.prompt) for e in load_prompts("gsm8k-eval", limit=args.prompts)]
-    settings = DecodeSettings(method="ar", max_new_tokens=args.max_new_tokens, eos_id=base.tokenizer.eos_token_id)
-    texts = [(p, g.token_ids) for p, g in zip(prompts, Decoder(base.model, settings).generate(prompts))]
+    settings = dict(method="ar", max_new_tokens=args.max_new_tokens, eos_id=base.tokenizer.eos_token_id)
+    texts = [(p, g.token_ids) for p, g in zip(prompts, Decoder(base.model, **settings).generate(prompts))]
     base_choices = [greedy_choices(base.model, p + g) for p, g in texts]
     report = {"machine": describe_machine(), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "base_generation_tokens": [len(g) for _, g in texts], "models": {}}

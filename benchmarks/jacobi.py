@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings, summarize
+from cllm_jax.decode.engine import Decoder, summarize
 from cllm_jax.evaluate.machine import describe_machine
 from cllm_jax.evaluate.plots import plot_method_bars
 from cllm_jax.evaluate.prompts import gsm8k_benchmark_prompts
@@ -37,8 +37,8 @@ def main() -> None:
     runs = [("ar", 1)] + [(m, int(n)) for m in ("jacobi", "jacobi-rolling") for n in args.block_sizes.split(",")]
     rows, reference = [], None
     for method, n in runs:
-        settings = DecodeSettings(method=method, max_new_tokens=args.max_new_tokens, block_size=n, eos_id=eos)
-        decoder = Decoder(loaded.model, settings)
+        settings = dict(method=method, max_new_tokens=args.max_new_tokens, block_size=n, eos_id=eos)
+        decoder = Decoder(loaded.model, **settings)
         decoder.generate(prompts[:1])  # compile outside the timed run
         repeats = [decoder.generate(prompts) for _ in range(args.repeats)]
         results = [min(runs, key=lambda r: r.seconds) for runs in zip(*repeats)]

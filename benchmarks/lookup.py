@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 from cllm_jax.data.prompts import load_prompts
-from cllm_jax.decode.engine import Decoder, DecodeSettings, summarize
+from cllm_jax.decode.engine import Decoder, summarize
 from cllm_jax.evaluate.machine import describe_machine
 from cllm_jax.weights.load import load_model
 
 
-def run(loaded, prompts, settings: DecodeSettings) -> tuple[dict, list[list[int]]]:
-    results = Decoder(loaded.model, settings).generate(prompts)
+def run(loaded, prompts, settings: dict) -> tuple[dict, list[list[int]]]:
+    results = Decoder(loaded.model, **settings).generate(prompts)
     return summarize(results), [r.token_ids for r in results]
 
 
@@ -40,14 +40,14 @@ def main() -> None:
     prompts = [loaded.tokenizer.chat_ids(e.prompt) for e in load_prompts("gsm8k-eval", limit=args.prompts)]
     common = dict(max_new_tokens=args.max_new_tokens, eos_id=loaded.tokenizer.eos_token_id)
     rows = []
-    ar, reference = run(loaded, prompts, DecodeSettings(method="ar", **common))
+    ar, reference = run(loaded, prompts, dict(method="ar", **common))
     rows.append({"method": "ar", "n": None, "init": None, "tpf": 1.0, "tokens_per_second": ar["tokens_per_second"],
                  "speedup": 1.0, "equals_ar": True})  # fmt: skip
     print(json.dumps(rows[-1]), flush=True)
     for method in args.methods.split(","):
         for n in (int(v) for v in args.block_sizes.split(",")):
             for init in ("prefix-sample", "lookup"):
-                summary, tokens = run(loaded, prompts, DecodeSettings(method=method, block_size=n, init=init, **common))
+                summary, tokens = run(loaded, prompts, dict(method=method, block_size=n, init=init, **common))
                 rows.append({
                     "method": method, "n": n, "init": init, "tpf": summary["tokens_per_forward"],
                     "tokens_per_second": summary["tokens_per_second"],

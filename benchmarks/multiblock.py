@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings, summarize
+from cllm_jax.decode.engine import Decoder, summarize
 from cllm_jax.evaluate.prompts import gsm8k_benchmark_prompts
 from cllm_jax.model.kv_cache import KVCache, causal_mask
 from cllm_jax.weights.load import load_model
@@ -40,8 +40,8 @@ def compare_tpf(loaded, args) -> None:
     ]
     reference = None
     for name, extra in runs:
-        settings = DecodeSettings(max_new_tokens=args.max_new_tokens, block_size=n, eos_id=eos, **extra)
-        decoder = Decoder(loaded.model, settings)
+        settings = dict(max_new_tokens=args.max_new_tokens, block_size=n, eos_id=eos, **extra)
+        decoder = Decoder(loaded.model, **settings)
         decoder.generate(prompts[:1])  # compile
         results = decoder.generate(prompts)
         tokens = [r.token_ids for r in results]

@@ -8,6 +8,7 @@ file they hit. `CllmWarning`s are one line too. Ctrl-C says how to resume, since
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -122,3 +123,49 @@ def run_commands(
         print(f"interrupted: {resume_hint}", file=sys.stderr)
         return 130
     return 0
+
+
+# ------------------------------------------------------------------------ flags from options classes
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_option_flags(parser, classes, skip: Sequence[str] = ()) -> dict[str, object]:
+    """One flag per field of the given options dataclasses (cllm_jax/decode/options.py's `option`):
+    type, choices and help come from the field, its default is shown in the help, and the parsed
+    default is None, so that only the flags given on the command line reach the options (the field's
+    own default applies otherwise). Returns the fields by name."""
+    import dataclasses
+
+    fields = {}
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if field.name in skip or field.name in fields or "help" not in field.metadata:
+                continue
+            fields[field.name] = field
+            kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(field.type).split(" |")[0], str)
+            meta = field.metadata
+            text = f"{meta['help']} (default {field.default})"
+            if kind is bool:
+                parser.add_argument(_flag(field.name), dest=field.name, default=None, help=text,
+                                    action=argparse.BooleanOptionalAction)
+            else:
+                parser.add_argument(_flag(field.name), dest=field.name, default=None, type=kind, help=text,
+                                    choices=meta.get("choices"))
+    return fields
+
+
+def given_flags(args, fields: dict[str, object]) -> dict[str, object]:
+    """The option values given on the command line (None: not given)."""
+    return {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+
+
+def flag_error(error: CllmError) -> CllmError:
+    """An options refusal in terms of the command line: `block_size must ...` -> `--block-size must ...`."""
+    from cllm_jax.decode.options import OptionError
+    from cllm_jax.errors import ConfigError
+
+    if isinstance(error, OptionError):
+        return ConfigError(f"{_flag(error.name)} {error.problem}")
+    return error

@@ -5,7 +5,7 @@ import io
 import pytest
 
 import decode
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 from cllm_jax.weights.load import load_model
 from tests.tiny import save_tiny_chat_model
 
@@ -22,9 +22,9 @@ def chat_dir(tmp_path_factory):
 def whole_answer(loaded, messages, method):
     """The turn decoded in one call, not streamed: what the chat must have shown."""
     tokenizer = loaded.tokenizer
-    settings = DecodeSettings(method=method, max_new_tokens=MAX_NEW, block_size=8, eos_id=tokenizer.eos_token_id,
+    settings = dict(method=method, max_new_tokens=MAX_NEW, block_size=8, eos_id=tokenizer.eos_token_id,
                               pad_id=tokenizer.pad_token_id)  # fmt: skip
-    (result,) = Decoder(loaded.model, settings).generate([tokenizer.chat_ids(messages)])
+    (result,) = Decoder(loaded.model, **settings).generate([tokenizer.chat_ids(messages)])
     return tokenizer.decode(result.token_ids)
 
 
@@ -56,7 +56,7 @@ def test_streamed_pieces_arrive_per_block(chat_dir):
     from cllm_jax.decode.chat import ChatSession
 
     loaded = load_model(chat_dir)
-    settings = DecodeSettings(method="jacobi-rolling", max_new_tokens=MAX_NEW, block_size=8,
+    settings = dict(method="jacobi-rolling", max_new_tokens=MAX_NEW, block_size=8,
                               eos_id=loaded.tokenizer.eos_token_id, pad_id=loaded.tokenizer.pad_token_id)  # fmt: skip
     pieces = []
     answer, stats = ChatSession(loaded, settings).reply("Count to ten.", on_text=pieces.append)

@@ -7,7 +7,7 @@ trajectories on eight prompts, a few hundred consistency + AR steps, then Jacobi
 import numpy as np
 
 from cllm_jax.data.collect import CollectOptions, records_for
-from cllm_jax.decode.engine import Decoder, DecodeSettings, summarize
+from cllm_jax.decode.engine import Decoder, summarize
 from cllm_jax.train.config import config_from_dict
 from cllm_jax.train.loop import run
 from cllm_jax.weights.load import load_model
@@ -17,8 +17,8 @@ BLOCK, BUDGET = 8, 32
 
 
 def jacobi(model, prompts):
-    settings = DecodeSettings(method="jacobi", max_new_tokens=BUDGET, block_size=BLOCK, record=True, batch_size=8)
-    return Decoder(model, settings).generate(prompts)
+    settings = dict(method="jacobi", max_new_tokens=BUDGET, block_size=BLOCK, record=True, batch_size=8)
+    return Decoder(model, **settings).generate(prompts)
 
 
 def test_training_on_own_trajectories_raises_tokens_per_forward(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from cllm_jax.data.collect import CollectOptions, collect
 from cllm_jax.data.prompts import PromptExample
 from cllm_jax.data.trajectories import PROGRESS_FILE, TRAJECTORIES_FILE, read_trajectories
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 from cllm_jax.errors import DataError
 from cllm_jax.weights.load import load_model
 from tests.tiny import save_tiny_chat_model
@@ -57,7 +57,7 @@ def test_records_match_the_engine_and_greedy_ar(loaded, tmp_path):
     assert len(rows) == len(records) and all(set(row) == REFERENCE_KEYS for row in rows)
     assert summary["records"] == len(records) == 6 * 5  # 40 tokens in blocks of 8, no EOS in a tiny random model
     tokenizer = loaded.tokenizer
-    ar = Decoder(loaded.model, DecodeSettings(method="ar", max_new_tokens=40, eos_id=tokenizer.eos_token_id))
+    ar = Decoder(loaded.model, **dict(method="ar", max_new_tokens=40, eos_id=tokenizer.eos_token_id))
     for example in examples():
         mine = sorted((r for r in records if r.data_id == example.data_id), key=lambda r: r.jacobian_itr_id)
         prompt = tokenizer.chat_ids(example.prompt)

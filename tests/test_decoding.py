@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings
-from cllm_jax.decode.sampling import Sampling
+from cllm_jax.decode.engine import Decoder
+from cllm_jax.decode.options import Sampling
 from cllm_jax.errors import InputError
-from tests.tiny import port, random_prompts, torch_greedy, torch_model
+from tests.tiny import port, random_prompts, torch_greedy, torch_model, decode as tiny_decode
 
 EOS = 2  # a real token of the tiny vocabulary: rows stop at different times
 
@@ -26,7 +26,7 @@ PROMPTS = random_prompts([5, 11, 17, 3])
 
 
 def decode(model, prompts, **settings):
-    return Decoder(model, DecodeSettings(**settings)).generate(prompts)
+    return tiny_decode(model, prompts, **settings)
 
 
 @pytest.mark.parametrize("eos", [None, EOS])
@@ -94,8 +94,8 @@ def test_sampling_filters_restrict_the_support():
     logits = jax.numpy.log(jax.numpy.array([[[0.5, 0.3, 0.15, 0.05]]]))
     positions = jax.numpy.arange(200).reshape(1, 200)
     tiled = jax.numpy.broadcast_to(logits, (1, 200, 4))
-    top_k = set(np.asarray(choose_tokens(tiled, positions, np.array([0]), Sampling(1.0, top_k=2))).ravel())
-    top_p = set(np.asarray(choose_tokens(tiled, positions, np.array([0]), Sampling(1.0, top_p=0.7))).ravel())
+    top_k = set(np.asarray(choose_tokens(tiled, positions, np.array([0]), Sampling(temperature=1.0, top_k=2))).ravel())
+    top_p = set(np.asarray(choose_tokens(tiled, positions, np.array([0]), Sampling(temperature=1.0, top_p=0.7))).ravel())
     assert top_k == {0, 1} and top_p == {0, 1}
 
 
@@ -139,7 +139,7 @@ def test_metrics_agree_with_the_recorded_trajectory(model):
 
 
 def test_one_compilation_serves_a_length_bucket(model):
-    decoder = Decoder(model, DecodeSettings(method="jacobi", max_new_tokens=16, block_size=4))
+    decoder = Decoder(model, **dict(method="jacobi", max_new_tokens=16, block_size=4))
     results = [decoder.generate([p]) for p in random_prompts([3, 7, 12, 16], seed=2)]
     assert results[0][0].compile_seconds > 0
     assert all(r[0].compile_seconds == 0 for r in results[1:])

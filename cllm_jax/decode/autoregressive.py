@@ -8,33 +8,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from cllm_jax.decode.options import DecodeOptions
 from cllm_jax.decode.prefill import prefill
-from cllm_jax.decode.sampling import Sampling, choose_tokens
+from cllm_jax.decode.sampling import choose_tokens
+from cllm_jax.decode.state import DecodeOutput
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
 
 
-@dataclasses.dataclass(frozen=True)
-class AROptions:
-    max_new_tokens: int
-    eos_id: int | None = None
-    sampling: Sampling = Sampling()
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeOutput:
-    """What every strategy returns; Jacobi fills the counters AR leaves at zero."""
-
-    tokens: jax.Array  # [B, max_new_tokens], valid up to `lengths`
-    lengths: jax.Array  # [B] generated tokens, the EOS included when hit
-    forward_passes: jax.Array  # [B] the prefill counts as the pass that produced the first token
-    blocks: jax.Array  # [B] converged Jacobi blocks (windows, for rolling Jacobi)
-    fast_forwarded: jax.Array  # [B]
-    stationary: jax.Array  # [B]
-    cache: KVCache
-    trajectory: jax.Array | None = None  # Jacobi recording only: [B, blocks, states, n]
-    trajectory_states: jax.Array | None = None  # [B, blocks] states recorded per block
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AROptions(DecodeOptions):
+    """Autoregressive decoding takes only what every method takes."""
 
 
 @jax.tree_util.register_dataclass
@@ -54,8 +38,10 @@ def generate_autoregressive(
     prompt_lengths: jax.Array,
     row_seeds: jax.Array,
     cache: KVCache,
+    key: jax.Array,
     options: AROptions,
 ) -> DecodeOutput:
+    del key  # no guesses to draw: the signature every method shares
     batch = prompt_tokens.shape[0]
     budget = options.max_new_tokens
     first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)

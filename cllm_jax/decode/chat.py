@@ -19,9 +19,14 @@ import dataclasses
 import time
 from typing import Callable
 
-from cllm_jax.decode.engine import METHODS, Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
+from cllm_jax.decode.options import JacobiOptions
+from cllm_jax.decode.registry import METHODS
 from cllm_jax.errors import InputError
 from cllm_jax.weights.load import LoadedModel
+
+
+AR_CHUNK = 16  # tokens AR decodes per call before showing them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,27 +60,27 @@ class TextStream:
 
 
 class ChatSession:
-    """The conversation so far and how to answer; `reply` decodes one turn (library code: no printing)."""
+    """The conversation so far and how to answer; `reply` decodes one turn (library code: no printing).
 
-    def __init__(self, loaded: LoadedModel, settings: DecodeSettings, system: str | None = None,
+    `setup(method)` gives (method name, model, options) for a method name: the command line builds
+    them from its flags, so switching methods keeps the flags that apply to the new one.
+    """
+
+    def __init__(self, loaded: LoadedModel, setup: Callable[[str], tuple], method: str, system: str | None = None,
                  stream_tokens: int | None = None):  # fmt: skip
         if loaded.tokenizer is None or not loaded.tokenizer.has_chat_template:
             raise InputError(f"{loaded.path} has no chat template: chat needs an instruction-tuned model")
-        self.loaded, self.system = loaded, system
-        self.settings = dataclasses.replace(settings, batch_size=1, record=False)
+        self.loaded, self.system, self.setup = loaded, system, setup
         self.stream_tokens = stream_tokens
         self._decoders: dict[tuple[str, int], Decoder] = {}
         self.messages: list[dict] = []
+        self.set_method(method)
         self.reset()
-
-    @property
-    def method(self) -> str:
-        return self.settings.method
 
     def set_method(self, method: str) -> None:
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        self.settings = dataclasses.replace(self.settings, method=method)
+        self.method, self.model, self.options = self.setup(method)
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -86,21 +91,22 @@ class ChatSession:
     def _decoder(self, budget: int) -> Decoder:
         key = (self.method, budget)  # one compiled function per (method, chunk size, prompt bucket)
         if key not in self._decoders:
-            settings = dataclasses.replace(self.settings, max_new_tokens=budget)
-            self._decoders[key] = Decoder(self.loaded.model, settings)
+            options = self.options.replace(max_new_tokens=budget)
+            self._decoders[key] = Decoder(self.model, self.method, options=options)
         return self._decoders[key]
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda delta: None) -> tuple[str, TurnStats]:
         """Answer `text`, calling on_text with each new piece of the answer; the turn joins the history."""
         self.messages.append({"role": "user", "content": text})
         prompt, tokenizer = self.prompt_ids(), self.loaded.tokenizer
-        chunk = self.stream_tokens or self.settings.block_size + 1  # (module docstring)
+        block = self.options.block_size if isinstance(self.options, JacobiOptions) else AR_CHUNK
+        chunk = self.stream_tokens or block + 1  # (module docstring)
         generated: list[int] = []
         passes, seconds, compile_seconds = 0, 0.0, 0.0
         stream = TextStream(tokenizer)
         try:
-            while len(generated) < self.settings.max_new_tokens:
-                budget = min(chunk, self.settings.max_new_tokens - len(generated))
+            while len(generated) < self.options.max_new_tokens:
+                budget = min(chunk, self.options.max_new_tokens - len(generated))
                 start = time.perf_counter()
                 (result,) = self._decoder(budget).generate([prompt + generated])
                 seconds += time.perf_counter() - start - result.compile_seconds
@@ -108,7 +114,7 @@ class ChatSession:
                 passes += result.forward_passes
                 generated += result.token_ids
                 on_text(stream.delta(generated))
-                if len(result.token_ids) < budget or self.settings.eos_id in result.token_ids:
+                if len(result.token_ids) < budget or self.options.eos_id in result.token_ids:
                     break  # EOS
         except BaseException:
             self.messages.pop()  # an interrupted turn leaves no half answer in the history

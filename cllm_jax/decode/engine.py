@@ -8,67 +8,26 @@ reuses the donated KV cache between calls, and turns device arrays into per-prom
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cllm_jax.decode.autoregressive import AROptions, DecodeOutput, generate_autoregressive
-from cllm_jax.decode.jacobi import JacobiOptions, generate_jacobi
-from cllm_jax.decode.multiblock import MultiblockOptions, generate_multiblock
+from cllm_jax.decode.options import DecodeOptions
 from cllm_jax.decode.prefill import cache_length_for, make_prompt_batch
-from cllm_jax.decode.rolling import generate_rolling_jacobi
-from cllm_jax.decode.sampling import Sampling
+from cllm_jax.decode.registry import get_method
+from cllm_jax.decode.state import DecodeOutput
+from cllm_jax.errors import ConfigError, InputError
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
-
-METHODS = ("ar", "jacobi", "jacobi-rolling", "jacobi-multiblock")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeSettings:
-    method: str = "ar"
-    max_new_tokens: int = 128
-    block_size: int = 16
-    init: str = "prefix-sample"
-    sampling: Sampling = Sampling()
-    eos_id: int | None = None
-    pad_id: int = 0
-    batch_size: int = 1
-    record: bool = False
-    seed: int = 0
-    blocks: int = 2  # jacobi-multiblock: K blocks in flight
-    spawn_ratio: float = 0.85  # jacobi-multiblock: spawn a block when the newest has ceil(r * n) accepted
-    recycle: int = 0  # jacobi-rolling / jacobi-multiblock: rejected tails verified per pass (0: off)
-
-    @property
-    def multiblock(self) -> bool:
-        # Rolling Jacobi with recycling is multiblock decoding with one block (identical otherwise).
-        return self.method == "jacobi-multiblock" or (self.method == "jacobi-rolling" and self.recycle > 0)
-
-    def options(self) -> AROptions | JacobiOptions | MultiblockOptions:
-        if self.method == "ar":
-            return AROptions(self.max_new_tokens, self.eos_id, self.sampling)
-        jacobi = JacobiOptions(
-            self.max_new_tokens, self.block_size, self.init, self.eos_id, self.pad_id, self.sampling,
-            self.record and self.method == "jacobi",
-        )  # fmt: skip
-        if self.multiblock:
-            blocks = self.blocks if self.method == "jacobi-multiblock" else 1
-            return MultiblockOptions(jacobi, blocks, self.spawn_ratio, self.recycle)
-        return jacobi
-
-    @property
-    def lookahead(self) -> int:
-        if self.method == "ar":
-            return 1
-        return self.block_size * (self.blocks if self.method == "jacobi-multiblock" else 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One prompt's result and the metrics of cllm-reference.md."""
+    """One prompt's result and its metrics (cllm_jax/decode/jacobi.py and window.py define them)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
@@ -91,40 +50,65 @@ class Generation:
         return (self.forward_passes - 1) / self.blocks if self.blocks else 0.0
 
 
-def _strategy(method: str) -> Callable[..., DecodeOutput]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    return {"ar": generate_autoregressive, "jacobi": generate_jacobi, "jacobi-rolling": generate_rolling_jacobi,
-            "jacobi-multiblock": generate_multiblock}[method]  # fmt: skip
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse an allocation larger than the memory the device has left, before XLA tries it."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return
+    if nbytes > free:
+        raise InputError(f"{what} needs {nbytes / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free: {fix}")
 
 
 class Decoder:
-    """Decode lists of token-id prompts with one strategy; compiled functions are cached per shape."""
+    """Decode lists of token-id prompts with one method; compiled functions are cached per shape.
 
-    def __init__(self, model: Llama, settings: DecodeSettings):
+    Decoder(model, "jacobi-rolling", block_size=8, max_new_tokens=256, batch_size=4): the keyword
+    values are the method's options (cllm_jax/decode/registry.py), or pass `options=` built already.
+    """
+
+    def __init__(self, model: Llama, method: str = "ar", *, batch_size: int = 1, seed: int = 0,
+                 options: DecodeOptions | None = None, **values):
         self.model = model
-        self.settings = settings
+        self.method = get_method(method)
+        if options is not None and values:
+            raise ConfigError("pass the options either as `options=` or as keyword values, not both")
+        self.options = options if options is not None else self.method.make_options(**values)
+        if not isinstance(self.options, self.method.options):
+            raise ConfigError(f"method {method} takes {self.method.options.__name__}, "
+                              f"not {type(self.options).__name__}")
+        if self.method.needs_adapter and getattr(model, "adapter", None) is None:
+            raise ConfigError(f"method {method} drafts with an adapter but the model has none: load one "
+                              f"(decode.py --draft-adapter DIR) or train one (train.adapter)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size, self.seed = batch_size, seed
         self._compiled: dict[tuple, object] = {}
         self._caches: dict[tuple, KVCache] = {}
 
-    def _arguments(self, batch, key):
-        s = self.settings
-        args = [self.model, batch.tokens, batch.lengths, batch.row_seeds]
-        shape = (len(batch.lengths), cache_length_for(batch.tokens.shape[1], s.max_new_tokens, s.lookahead))
-        cache = self._caches.pop(shape, None) or KVCache.zeros(self.model.config, *shape)
-        args.append(cache)
-        if s.method != "ar":
-            args.append(key)
-        return shape, args
+    def _cache(self, batch: int, bucket: int) -> tuple[tuple[int, int], KVCache]:
+        o, config = self.options, self.model.config
+        shape = o.cache_shape(batch, cache_length_for(bucket, o.max_new_tokens, o.lookahead))
+        if shape not in self._caches:
+            itemsize = jnp.dtype(config.compute_dtype).itemsize
+            nbytes = 2 * config.num_layers * shape[0] * shape[1] * config.num_kv_heads * config.head_dim * itemsize
+            check_memory(nbytes, f"the KV cache for {shape[0]} rows of {shape[1]} positions",
+                         "lower the batch size or the number of new tokens")
+        return shape, self._caches.pop(shape, None) or KVCache.zeros(config, *shape)
 
     def _run(self, batch, key) -> tuple[DecodeOutput, float, float]:
-        fn = _strategy("jacobi-multiblock" if self.settings.multiblock else self.settings.method)
-        shape, args = self._arguments(batch, key)
+        shape, cache = self._cache(len(batch.lengths), batch.tokens.shape[1])
+        args = [self.model, batch.tokens, batch.lengths, batch.row_seeds, cache, key]
         signature = (batch.tokens.shape, shape)
         compile_seconds = 0.0
         if signature not in self._compiled:
             start = time.perf_counter()
-            self._compiled[signature] = fn.lower(*args, options=self.settings.options()).compile()
+            self._compiled[signature] = self.method.generate.lower(*args, options=self.options).compile()
             compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         out = jax.block_until_ready(self._compiled[signature](*args))
@@ -138,20 +122,20 @@ class Decoder:
         `row_seeds` (default: the prompts' indices) key each prompt's random guesses and sampling
         noise, so a prompt decodes the same in any batch, shard or resumed run.
         """
-        s, config = self.settings, self.model.config
-        key = jax.random.key(s.seed)
+        o, config, size = self.options, self.model.config, self.batch_size
+        key = jax.random.key(self.seed)
         row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
-        for start in range(0, len(prompts), s.batch_size):
-            chunk = prompts[start : start + s.batch_size]
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start : start + size]
             # Pad the last batch with copies of its first prompt: one batch size, one compilation.
-            padded = chunk + [chunk[0]] * (s.batch_size - len(chunk))
+            padded = chunk + [chunk[0]] * (size - len(chunk))
             seeds = row_seeds[start : start + len(chunk)]
-            seeds += [seeds[0]] * (s.batch_size - len(chunk))
+            seeds += [seeds[0]] * (size - len(chunk))
             batch = make_prompt_batch(
-                padded, config.vocab_size, config.max_position_embeddings, s.max_new_tokens + s.lookahead, seeds, s.pad_id
+                padded, config.vocab_size, config.max_position_embeddings, o.max_new_tokens + o.lookahead, seeds
             )
             out, seconds, compile_seconds = self._run(batch, key)
-            timing = (seconds, compile_seconds, start // s.batch_size)
+            timing = (seconds, compile_seconds, start // size)
             yield [self._result(out, i, chunk[i], *timing) for i in range(len(chunk))]
 
     def generate(self, prompts: list[list[int]], row_seeds: list[int] | None = None) -> list[Generation]:

@@ -22,74 +22,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from cllm_jax.decode.autoregressive import DecodeOutput
-from cllm_jax.decode.guess import guess_tokens, lookup_guesses
-from cllm_jax.decode.prefill import prefill, truncate_at_eos, write_rows
-from cllm_jax.decode.sampling import Sampling, choose_tokens
+from cllm_jax.decode.guess import next_guess
+from cllm_jax.decode.options import JacobiOptions, option
+from cllm_jax.decode.prefill import prefill
+from cllm_jax.decode.sampling import choose_tokens
+from cllm_jax.decode.state import DecodeOutput, Progress, commit, start_progress
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
 
 
-@dataclasses.dataclass(frozen=True)
-class JacobiOptions:
-    max_new_tokens: int
-    block_size: int = 16
-    init: str = "prefix-sample"
-    eos_id: int | None = None
-    pad_id: int = 0
-    sampling: Sampling = Sampling()
-    record: bool = False  # keep every state of every block (fixed-block only)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedBlockOptions(JacobiOptions):
+    record: bool = option(False, "keep every state of every block (trajectory collection)")
 
     @property
     def max_blocks(self) -> int:
         return -(-self.max_new_tokens // self.block_size) + 1
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    """Per-row output and counters shared by both Jacobi variants."""
-
-    generated: jax.Array  # [B, max_new + block]: room for a whole block past the budget
-    lengths: jax.Array
-    done: jax.Array
-    passes: jax.Array
-    blocks: jax.Array
-    fast_forwarded: jax.Array
-    stationary: jax.Array
-
-
-def start_progress(first: jax.Array, options: JacobiOptions) -> Progress:
-    batch = first.shape[0]
-    zeros = jnp.zeros((batch,), jnp.int32)
-    generated = jnp.zeros((batch, options.max_new_tokens + options.block_size), jnp.int32).at[:, 0].set(first)
-    progress = Progress(generated, zeros, jnp.zeros((batch,), bool), zeros + 1, zeros, zeros, zeros)
-    return commit(progress, first[:, None], jnp.ones_like(zeros), jnp.ones((batch,), bool), options, only_if_final=True)
-
-
-def commit(
-    progress: Progress, tokens: jax.Array, count: jax.Array, rows: jax.Array, options: JacobiOptions, only_if_final=False
-) -> Progress:
-    """Append the first `count` tokens [B, m] to the `rows` that are not done; finish at EOS or budget.
-
-    With only_if_final, a row commits just when this ends it (the token is EOS or fills the budget):
-    a block that begins with such a token needs no forward pass.
-    """
-    budget = options.max_new_tokens
-    rows = rows & ~progress.done
-    count = jnp.minimum(count, budget - progress.lengths)
-    keep, hit = truncate_at_eos(tokens, count, options.eos_id)
-    lengths = progress.lengths + keep
-    finished = hit | (lengths >= budget)
-    if only_if_final:
-        rows = rows & finished
-    generated = jnp.where(rows[:, None], write_rows(progress.generated, tokens, progress.lengths), progress.generated)
-    return dataclasses.replace(
-        progress,
-        generated=generated,
-        lengths=jnp.where(rows, lengths, progress.lengths),
-        done=progress.done | (rows & finished),
-    )
 
 
 def token_metrics(last_change: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -102,39 +50,10 @@ def token_metrics(last_change: jax.Array, keep: jax.Array) -> tuple[jax.Array, j
     return fast.sum(axis=1), still.sum(axis=1)
 
 
-def next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions, vocab):
-    """A fresh block: the known token `first` [B], then n - 1 guesses (by lookup where init is "lookup")."""
-    block = guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
-    return refill_by_lookup(block, prompt_tokens, prompt_lengths, progress, options)
-
-
-def guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions, vocab):
-    """`first` [B], then n - 1 drawn guesses, before any lookup: for windows that are looked up once whole."""
-    rest = guess_tokens(
-        key, row_seeds, prompt_lengths + progress.lengths, options.init, (first.shape[0], options.block_size - 1),
-        first, prompt_tokens, prompt_lengths, progress.generated, progress.lengths, vocab, options.pad_id,
-    )  # fmt: skip
-    return jnp.concatenate([first[:, None], rest], axis=1)
-
-
-def refill_by_lookup(window, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions):
-    """With init "lookup", window[:, 1:] continues the text by prompt lookup where the text has a match.
-
-    window[:, 0] is final and follows the committed text (progress.generated) in every variant. In
-    a rolling or multiblock window, slots 1.. hold predictions made after a token that was just
-    rejected; the lookup is keyed on final tokens only, so where it finds a match it replaces them.
-    (Looking up only the freed tail slots gained nothing: rolling n = 8 on the ablation's
-    progressive_noise CLLM, 5 held-out GSM8K problems, 128 tokens: TPF 1.50 that way, 2.91 this way.)
-    """
-    if options.init != "lookup":
-        return window
-    return lookup_guesses(window, prompt_tokens, prompt_lengths, progress.generated, progress.lengths)
-
-
-def begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options: JacobiOptions):
+def begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options: JacobiOptions, room: int):
     """Prefill, the first token, and the first block of guesses: (cache, progress, block)."""
     first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
-    progress = start_progress(first, options)
+    progress = start_progress(first, options, room)
     vocab = model.config.vocab_size
     return cache, progress, next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
 
@@ -171,12 +90,12 @@ def generate_jacobi(
     row_seeds: jax.Array,
     cache: KVCache,
     key: jax.Array,
-    options: JacobiOptions,
+    options: FixedBlockOptions,
 ) -> DecodeOutput:
     n, batch = options.block_size, prompt_tokens.shape[0]
     vocab = model.config.vocab_size
     offsets = jnp.arange(n, dtype=jnp.int32)
-    cache, progress, block = begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options)
+    cache, progress, block = begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options, n)
     trajectory = states = None
     if options.record:
         trajectory = jnp.zeros((batch, options.max_blocks, n + 1, n), jnp.int32)

@@ -34,11 +34,10 @@ def make_prompt_batch(
     context_length: int,
     reserve: int,
     row_seeds: list[int] | None = None,
-    pad_id: int = 0,
 ) -> PromptBatch:
     """Validate and pad prompts; `reserve` is what decoding needs after the prompt (new tokens + block)."""
     if not prompts:
-        raise InputError("no prompts given: pass --prompt TEXT, --prompts FILE or --prompt-ids 1,2,3")
+        raise InputError("no prompts given: pass at least one prompt")
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise InputError(f"prompt {i} is empty: give at least one token")
@@ -48,10 +47,10 @@ def make_prompt_batch(
         if len(ids) + reserve > context_length:
             raise InputError(
                 f"prompt {i} has {len(ids)} tokens; with {reserve} tokens reserved for generation it exceeds the "
-                f"context of {context_length}: shorten the prompt or lower --max-new-tokens"
+                f"context of {context_length}: shorten the prompt or generate fewer new tokens"
             )
     bucket = bucket_length(max(len(p) for p in prompts))
-    tokens = np.full((len(prompts), bucket), pad_id, np.int32)
+    tokens = np.zeros((len(prompts), bucket), np.int32)  # padding is never attended to
     for i, ids in enumerate(prompts):
         tokens[i, : len(ids)] = ids
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -65,28 +64,13 @@ def cache_length_for(bucket: int, max_new_tokens: int, block_size: int = 1) -> i
 
 
 def prefill(
-    model: Llama, tokens: jax.Array, lengths: jax.Array, row_seeds: jax.Array, cache: KVCache, sampling: Sampling
+    model: Llama, tokens: jax.Array, lengths: jax.Array, row_seeds: jax.Array, cache: KVCache, sampling: Sampling,
+    adapter_gate: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the prompts through the model; returns the first generated token [B] and the cache."""
     batch, time = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-    hidden, cache = model(tokens, positions, cache)
+    hidden, cache = model(tokens, positions, cache, adapter_gate=adapter_gate)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     first = choose_tokens(model.logits(last), lengths[:, None], row_seeds, sampling)
     return first[:, 0], cache
-
-
-def truncate_at_eos(tokens: jax.Array, count: jax.Array, eos_id: int | None) -> tuple[jax.Array, jax.Array]:
-    """How many of the first `count` tokens [B, n] to keep (through the first EOS) and whether EOS was hit."""
-    index = jnp.arange(tokens.shape[1])[None, :]
-    if eos_id is None:
-        return count, jnp.zeros(count.shape, bool)
-    is_eos = (tokens == eos_id) & (index < count[:, None])
-    hit = is_eos.any(axis=1)
-    keep = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, count)
-    return keep, hit
-
-
-def write_rows(buffer: jax.Array, values: jax.Array, starts: jax.Array) -> jax.Array:
-    """buffer[b, starts[b] : starts[b] + n] = values[b] for every row (rows advance independently)."""
-    return jax.vmap(lambda row, v, s: jax.lax.dynamic_update_slice(row, v, (s,)))(buffer, values, starts)

@@ -10,27 +10,10 @@ every row the same tokens as batch 1.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 switch those filters off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-GREEDY = Sampling()
+from cllm_jax.decode.options import Sampling
 
 
 def _filter(logits: jax.Array, sampling: Sampling) -> jax.Array:

@@ -1,70 +1,144 @@
-"""Held-out evaluation: our AR and Jacobi decoding (base model and CLLM) beside transformers' generate.
+"""Held-out evaluation: rows of (weights, decoding method), beside transformers' generate.
 
-Every method decodes the same prompts, batch 1, greedy, on one machine in one run, each Jacobi
-method at every block size asked for. Per method: TPF, tokens/s, speedup over our AR on the base
-model, GSM8K exact-match accuracy, agreement with the base model's greedy output (identical final
-answers, identical generations), and `base_nll_ratio`: how far the text drifts from the base model,
-as the base model's mean NLL per generated token of the method's generations divided by that of the
-base model's own greedy generations (so 1.0 for any method that reproduces the base greedy output).
+Every row decodes the same prompts, greedy, on one machine in one run, each Jacobi row at every
+block size asked for. A row names its weights (`base`, `cllm`: the pipeline's trained model, or
+another model the config names) and a method of cllm_jax/decode/registry.py with its options.
+Weights trained as an adapter run as the lossy CLLM (the adapter merged) under a plain method, and
+as the drafter of `jacobi-lossless`, whose text is the base model's.
+
+Timing is batch 1. With `timing_limit` set, a row is timed on the first prompts only, and a row
+marked `full` also decodes the whole set in batches of `batch_size`, for its quality figures
+(batching changes no row's output: rows advance independently); otherwise the timed run is the
+whole run. Per row: TPF, tokens/s and the speedup over our AR on the base model (timed prompts),
+accuracy (the task's own measure: GSM8K's final number, HumanEval's tests executed), agreement with
+the base model's AR output (identical final answers, identical generations), and `base_nll_ratio`:
+the base model's mean NLL per generated token of the row's generations over that of its own greedy
+generations (1.0 for any method that reproduces the base model's output).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import re
+from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from cllm_jax.data.prompts import PromptExample, extract_final_number, gsm8k_final_answer
-from cllm_jax.decode.engine import Decoder, DecodeSettings
+from cllm_jax.decode.engine import Decoder
+from cllm_jax.decode.options import JacobiOptions
 from cllm_jax.decode.prefill import bucket_length
+from cllm_jax.decode.registry import get_method
+from cllm_jax.errors import ConfigError
 from cllm_jax.evaluate.baselines import load_torch_model, torch_generate
+from cllm_jax.model.adapter import merge
 from cllm_jax.train.losses import ar_loss
 from cllm_jax.weights.load import LoadedModel
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Row:
+    """One row of the evaluation: a method of the registry on a set of weights."""
+
+    weights: str = "base"
+    method: str = "ar"
+    options: tuple[tuple[str, object], ...] = ()  # the method's options (block_size and the budget aside)
+    full: bool = True  # decode every prompt (quality figures), not only the timed ones
+    block_sizes: tuple[int, ...] | None = None  # a Jacobi row's n (None: the evaluation's block_sizes)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Row":
+        values = dict(values)
+        sizes = values.pop("block_sizes", None)
+        row = cls(weights=str(values.pop("weights", "base")), method=str(values.pop("method", "ar")),
+                  full=bool(values.pop("full", True)), options=tuple(sorted(values.items())),
+                  block_sizes=None if sizes is None else tuple(int(n) for n in sizes))
+        row.make_options(block_size=16, max_new_tokens=8)  # every option checked when the config loads
+        return row
+
+    @property
+    def jacobi(self) -> bool:
+        return issubclass(get_method(self.method).options, JacobiOptions)
+
+    def make_options(self, **values):
+        return get_method(self.method).make_options(**dict(self.options), **(values if self.jacobi else {
+            k: v for k, v in values.items() if k != "block_size"}))
+
+    def name(self, block_size: int | None, several_sizes: bool) -> str:
+        options = dict(self.options)
+        label = self.method
+        if get_method(self.method).needs_adapter:
+            label += f" {options.get('layout', 'rows')}"
+        if self.jacobi and options.get("init", "lookup") == "lookup":
+            label += " + lookup"
+        if options.get("recycle"):
+            label += " + recycling"
+        label += f" ({self.weights})"
+        return label + (f" n={block_size}" if self.jacobi and several_sizes else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodRun:
     name: str
+    weights: str
+    indices: list[int]  # which prompts this run decoded
     token_ids: list[list[int]]
     forward_passes: list[int]
-    seconds: list[float]
-    block_size: int | None = None  # Jacobi methods only
+    timed: int  # the first `timed` of `indices` were decoded at batch 1, timed
+    seconds: list[float]  # per timed prompt
+    block_size: int | None = None
     base_nll: list[float] | None = None  # per generation: the base model's summed NLL of its tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     max_new_tokens: int = 256
-    block_size: int = 16
-    prompt_lookup_num_tokens: int = 10
+    block_sizes: tuple[int, ...] = (16,)  # every Jacobi row at each n
+    timing_limit: int | None = None  # time rows on the first N prompts (None: all)
+    batch_size: int = 1  # full runs beyond the timed prompts decode in batches of this size
     include_transformers: bool = True
-    block_sizes: tuple[int, ...] = ()  # every Jacobi method at each n (default: block_size alone)
-    blocks: int = 2  # multiblock: K blocks in flight
-    spawn_ratio: float = 0.85
-    recycle: int = 4  # the "+ recycling" method's pool of rejected tails (0: no such method)
-    lookup: bool = True  # rolling Jacobi with prompt-lookup guesses (init "lookup"), base model and CLLM
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(self.block_sizes) or (self.block_size,)
+    prompt_lookup_num_tokens: int = 10  # transformers' prompt-lookup row (0: no such row)
 
 
-def decode_run(name, loaded: LoadedModel, prompts, method: str, settings: EvalSettings, block_size=None, recycle=0,
-               init="prefix-sample") -> MethodRun:  # fmt: skip
-    """One method of ours over every prompt, batch 1, compiled before the timed run."""
-    decode = DecodeSettings(
-        method=method, max_new_tokens=settings.max_new_tokens, block_size=block_size or settings.block_size,
-        init=init, eos_id=loaded.tokenizer.eos_token_id, blocks=settings.blocks, spawn_ratio=settings.spawn_ratio,
-        recycle=recycle,
-    )  # fmt: skip
-    decoder = Decoder(loaded.model, decode)
+def row_weights(models: dict[str, LoadedModel], row: Row, merged: dict[str, LoadedModel]) -> LoadedModel:
+    """The model a row decodes with: as loaded, or with its adapter merged (a plain method on adapter
+    weights: the lossy CLLM; merged once per weights)."""
+    if row.weights not in models:
+        raise ConfigError(f"evaluation row {row.method} names weights {row.weights!r}; known: {', '.join(models)}")
+    loaded = models[row.weights]
+    has_adapter = loaded.model.adapter is not None
+    if get_method(row.method).needs_adapter:
+        if not has_adapter:
+            raise ConfigError(f"evaluation row {row.method} needs adapter weights; {row.weights} has no adapter")
+        return loaded
+    if not has_adapter:
+        return loaded
+    if row.weights not in merged:  # merged into a copy: the loaded model stays the lossless drafter
+        merged[row.weights] = dataclasses.replace(loaded, model=merge(nnx.clone(loaded.model)), adapter=None)
+    return merged[row.weights]
+
+
+def decode_run(name: str, weights: str, loaded: LoadedModel, prompts: list[list[int]], row: Row,
+               settings: EvalSettings, block_size: int | None) -> MethodRun:  # fmt: skip
+    """One row at one block size: timed batch-1 on the timed prompts, batched on the rest when full."""
+    options = row.make_options(max_new_tokens=settings.max_new_tokens, block_size=block_size,
+                               eos_id=loaded.tokenizer.eos_token_id)  # fmt: skip
+    timed = len(prompts) if settings.timing_limit is None else min(settings.timing_limit, len(prompts))
+    decoder = Decoder(loaded.model, row.method, options=options)
     decoder.generate(prompts[:1])  # compile outside the timed run (one length bucket per prompt set)
-    results = decoder.generate(prompts)
-    return MethodRun(name, [r.token_ids for r in results], [r.forward_passes for r in results],
-                     [r.seconds for r in results], block_size)  # fmt: skip
+    results = decoder.generate(prompts[:timed])
+    rest = []
+    if row.full and timed < len(prompts):
+        batched = Decoder(loaded.model, row.method, options=options, batch_size=settings.batch_size)
+        rest = batched.generate(prompts[timed:], row_seeds=list(range(timed, len(prompts))))
+    every = results + rest
+    return MethodRun(name, weights, list(range(len(every))), [r.token_ids for r in every],
+                     [r.forward_passes for r in every], timed, [r.seconds for r in results], block_size)
 
 
 @jax.jit
@@ -97,10 +171,10 @@ def with_base_nll(runs: list[MethodRun], base: LoadedModel, prompts: list[list[i
     out = []
     for run in runs:
         nll = []
-        for prompt, generation in zip(prompts, run.token_ids):
-            key = (tuple(prompt), tuple(generation))
+        for index, generation in zip(run.indices, run.token_ids):
+            key = (index, tuple(generation))
             if key not in memo:
-                memo[key] = generation_nll(base.model, prompt, generation)
+                memo[key] = generation_nll(base.model, prompts[index], generation)
             nll.append(memo[key])
         out.append(dataclasses.replace(run, base_nll=nll))
     return out
@@ -109,81 +183,95 @@ def with_base_nll(runs: list[MethodRun], base: LoadedModel, prompts: list[list[i
 def _transformers(name, loaded: LoadedModel, prompts, settings: EvalSettings, lookup: int | None) -> MethodRun:
     model = load_torch_model(loaded.path)
     eos = loaded.tokenizer.eos_token_id
-    torch_generate(model, prompts[:1], 4, eos, lookup)  # warm-up
-    results = torch_generate(model, prompts, settings.max_new_tokens, eos, lookup)
-    # transformers does not report forward passes for generate; TPF is left out (None) for them
-    return MethodRun(name, [r.token_ids for r in results], [], [r.seconds for r in results])
+    timed = prompts if settings.timing_limit is None else prompts[: settings.timing_limit]
+    torch_generate(model, timed[:1], 4, eos, lookup)  # warm-up
+    results = torch_generate(model, timed, settings.max_new_tokens, eos, lookup)
+    # transformers does not report forward passes for generate; TPF is left out (empty) for them
+    return MethodRun(name, "base", list(range(len(results))), [r.token_ids for r in results], [], len(results),
+                     [r.seconds for r in results])
 
 
-def run_methods(
-    base: LoadedModel,
-    cllm: LoadedModel | None,
-    prompts: list[list[int]],
-    settings: EvalSettings,
-    progress: Callable[[str], None] = lambda name: None,
-) -> list[MethodRun]:
-    sizes = settings.sizes
-    plan = [("ar (base)", base, "ar", None, 0, "prefix-sample")]
-    for n in sizes:
-        suffix = f" n={n}" if len(sizes) > 1 else ""  # one size keeps the plain names
-        plan.append((f"jacobi (base){suffix}", base, "jacobi", n, 0, "prefix-sample"))
-        if settings.lookup:  # what lookup alone gives, without consistency training
-            plan.append((f"jacobi-rolling + lookup (base){suffix}", base, "jacobi-rolling", n, 0, "lookup"))
-        if cllm is not None:
-            plan += [
-                (f"jacobi (cllm){suffix}", cllm, "jacobi", n, 0, "prefix-sample"),
-                (f"jacobi-rolling (cllm){suffix}", cllm, "jacobi-rolling", n, 0, "prefix-sample"),
-                (f"jacobi-multiblock (cllm){suffix}", cllm, "jacobi-multiblock", n, 0, "prefix-sample"),
-            ]
-            if settings.recycle:  # 0 leaves the row out: on CPU each candidate row costs a whole window
-                plan.append((f"jacobi-multiblock + recycling (cllm){suffix}", cllm, "jacobi-multiblock", n,
-                             settings.recycle, "prefix-sample"))  # fmt: skip
-            if settings.lookup:
-                plan.append((f"jacobi-rolling + lookup (cllm){suffix}", cllm, "jacobi-rolling", n, 0, "lookup"))
-    runs = []
-    for name, loaded, method, n, recycle, init in plan:
-        progress(name)
-        runs.append(decode_run(name, loaded, prompts, method, settings, n, recycle, init))
+def run_rows(models: dict[str, LoadedModel], rows: list[Row], prompts: list[list[int]], settings: EvalSettings,
+             progress: Callable[[str], None] = lambda name: None, keep_dir: Path | None = None) -> list[MethodRun]:
+    """Every row at every block size (its first row must be our AR on the base model: the reference).
+
+    keep_dir: each finished run is written there as it ends and read back instead of decoding again,
+    so an evaluation killed after hours resumes at the row it was in."""
+    if not rows or (rows[0].weights, rows[0].method) != ("base", "ar") or not rows[0].full:
+        raise ConfigError("the first evaluation row must be {weights: base, method: ar} (the reference), run full")
+    sizes = {row: row.block_sizes or settings.block_sizes for row in rows if row.jacobi}
+    every_size = sorted({n for row_sizes in sizes.values() for n in row_sizes})
+    several = len(every_size) > 1
+    merged: dict[str, LoadedModel] = {}
+    plan = [(rows[0], None)]  # the reference first
+    for n in every_size:
+        plan += [(row, n) for row in rows if row.jacobi and n in sizes[row]]
+    plan += [(row, None) for row in rows[1:] if not row.jacobi]
+    base = models["base"]
+    def decode_job(row: Row, n: int | None):  # the weights (a merge copies them) only when the row runs
+        return lambda: decode_run(row.name(n, several), row.weights, row_weights(models, row, merged), prompts, row,
+                                  settings, n)
+
+    jobs = [(row.name(n, several), decode_job(row, n)) for row, n in plan]
     if settings.include_transformers:
-        for name, lookup in [("transformers generate (base)", None),
-                             (f"transformers prompt-lookup {settings.prompt_lookup_num_tokens} (base)",
-                              settings.prompt_lookup_num_tokens)]:  # fmt: skip
-            progress(name)
-            runs.append(_transformers(name, base, prompts, settings, lookup))
+        lookup = settings.prompt_lookup_num_tokens
+        baselines = [("transformers generate (base)", None)]
+        baselines += [(f"transformers prompt-lookup {lookup} (base)", lookup)] if lookup else []
+        jobs += [(name, functools.partial(_transformers, name, base, prompts, settings, tokens))
+                 for name, tokens in baselines]
+    runs = []
+    for name, job in jobs:
+        kept = None if keep_dir is None else keep_dir / (re.sub(r"[^\w.+=-]+", "_", name) + ".json")
+        if kept is not None and kept.is_file():
+            runs.append(MethodRun(**json.loads(kept.read_text())))
+            progress(f"{name}: done ({kept})")
+            continue
+        progress(name)
+        runs.append(job())
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.with_suffix(".tmp").write_text(json.dumps(dataclasses.asdict(runs[-1])))
+            kept.with_suffix(".tmp").replace(kept)
     progress("base-model NLL of every generation")
     return with_base_nll(runs, base, prompts)
 
 
-def score(runs: list[MethodRun], examples: list[PromptExample], decode_text: Callable[[list[int]], str]) -> dict:
-    """report.json's per-method figures; the first run (our AR on the base model) is the reference."""
+def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
+          final_answer: Callable[[list[int]], object] | None = None) -> dict:
+    """report.json's per-method figures; the first run (our AR on the base model) is the reference.
+
+    correct(prompt index, tokens): the task's judgement of one generation; final_answer(tokens): what
+    "same final answer" compares (GSM8K's number), or None where the task has none."""
     reference = runs[0]
-
-    def mean_nll(run):  # per generated token, pooled over the prompts
-        return sum(run.base_nll) / max(1, sum(len(t) for t in run.token_ids)) if run.base_nll is not None else None
-
-    reference_nll = mean_nll(reference)
-    reference_answers = [extract_final_number(decode_text(t)) for t in reference.token_ids]
-    truth = [gsm8k_final_answer(e.answer) if e.answer else None for e in examples]
-    base_speed = sum(len(t) for t in reference.token_ids) / sum(reference.seconds)
+    ref_tokens = dict(zip(reference.indices, reference.token_ids))
+    ref_nll = dict(zip(reference.indices, reference.base_nll))
+    base_speed = sum(len(t) for t in reference.token_ids[: reference.timed]) / sum(reference.seconds)
     table = {}
     for run in runs:
-        tokens = sum(len(t) for t in run.token_ids)
-        answers = [extract_final_number(decode_text(t)) for t in run.token_ids]
-        speed = tokens / sum(run.seconds)
-        nll = mean_nll(run)
+        timed_tokens = sum(len(t) for t in run.token_ids[: run.timed])
+        speed = timed_tokens / sum(run.seconds) if sum(run.seconds) > 0 else 0.0
+        same = [a == ref_tokens[i] for i, a in zip(run.indices, run.token_ids)]
+        nll = sum(run.base_nll) / max(1, sum(len(t) for t in run.token_ids))
+        ref = sum(ref_nll[i] for i in run.indices) / max(1, sum(len(ref_tokens[i]) for i in run.indices))
+        passes = run.forward_passes
         table[run.name] = {
-            "tpf": tokens / sum(run.forward_passes) if run.forward_passes else None,
+            "weights": run.weights,
+            "prompts": len(run.indices),
+            "timed_prompts": run.timed,
+            "tpf": sum(len(t) for t in run.token_ids) / sum(passes) if passes else None,
             "tokens_per_second": speed,
             "speedup": speed / base_speed,
-            "accuracy": float(np.mean([a is not None and a == t for a, t in zip(answers, truth)])),
+            "accuracy": float(np.mean([correct(i, t) for i, t in zip(run.indices, run.token_ids)])),
             "agreement": {
-                "final_answer": float(np.mean([a == b for a, b in zip(answers, reference_answers)])),
-                "generation": float(np.mean([a == b for a, b in zip(run.token_ids, reference.token_ids)])),
+                "final_answer": None if final_answer is None else float(np.mean(
+                    [final_answer(a) == final_answer(ref_tokens[i]) for i, a in zip(run.indices, run.token_ids)])),
+                "generation": float(np.mean(same)),
+                "generations_equal": int(sum(same)),
             },
-            "base_nll_ratio": nll / reference_nll if nll is not None and reference_nll else None,
+            "base_nll_ratio": nll / ref if ref else None,
             "base_nll_per_token": nll,
             "block_size": run.block_size,
-            "tpf_per_prompt": [len(t) / p for t, p in zip(run.token_ids, run.forward_passes)] if run.forward_passes else [],
+            "tpf_per_prompt": [len(t) / p for t, p in zip(run.token_ids, passes)] if passes else [],
             "median_seconds_per_prompt": float(np.median(run.seconds)),
         }
     return table

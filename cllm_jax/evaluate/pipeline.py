@@ -22,6 +22,7 @@ import yaml
 from cllm_jax.data.collect import CollectOptions, collect
 from cllm_jax.data.prompts import load_prompts
 from cllm_jax.errors import ConfigError
+from cllm_jax.evaluate.evaluation import Row
 from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict, unknown_key
 
 
@@ -34,17 +35,52 @@ class CollectStage:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateStage:
-    dataset: str = "gsm8k-eval"
+    task: str = "gsm8k"  # gsm8k (final-number accuracy) | humaneval (pass@1 by executing the tests)
+    dataset: str | None = None  # the held-out prompts (default: gsm8k-eval, or the 164 HumanEval problems)
     limit: int | None = 50
     max_new_tokens: int = 256
-    block_size: int = 16
-    prompt_lookup_num_tokens: int = 10
+    block_sizes: list[int] = dataclasses.field(default_factory=lambda: [16])  # every Jacobi row at each n
+    timing_limit: int | None = None  # time rows (batch 1) on the first N prompts only (None: all)
+    batch_size: int = 1  # `full` rows decode the prompts past timing_limit in batches of this size
+    # The rows: {weights: base | cllm | a variant | a name of `models`, method: NAME, <its options>,
+    # full: true}. Default: the standard set (`standard_rows`), shaped by `lookup` and `recycle`.
+    rows: list[dict] | None = None
+    lookup: bool = True  # standard rows: rolling Jacobi with lookup guesses, base model and CLLM
+    recycle: int = 4  # standard rows: the multiblock + recycling row's pool (0: no such row)
+    models: dict[str, str] = dataclasses.field(default_factory=dict)  # more weights: name -> model path
     include_transformers: bool = True
-    block_sizes: list[int] | None = None  # every Jacobi method at each n, e.g. [8, 16] (default: block_size)
-    blocks: int = 2  # multiblock: K blocks in flight
-    spawn_ratio: float = 0.85
-    recycle: int = 4  # multiblock + recycling: the pool of rejected tails (0: leave that method out)
-    lookup: bool = True  # rolling Jacobi with prompt-lookup guesses, on the base model and the CLLM
+    prompt_lookup_num_tokens: int = 10
+
+    def __post_init__(self):
+        if self.task not in ("gsm8k", "humaneval"):
+            raise ConfigError(f"evaluate.task={self.task!r} is not one of gsm8k, humaneval")
+        for name, value in (("limit", self.limit), ("timing_limit", self.timing_limit)):
+            if value is not None and value < 1:
+                raise ConfigError(f"evaluate.{name} must be >= 1 (or null: all), got {value}")
+        if self.batch_size < 1 or any(n < 1 for n in self.block_sizes) or not self.block_sizes:
+            raise ConfigError("evaluate.batch_size and every evaluate.block_sizes entry must be >= 1")
+
+    def row_specs(self, trained: bool) -> list[Row]:
+        if self.rows is None:
+            return standard_rows(self.lookup, self.recycle, trained)
+        if not isinstance(self.rows, list) or not all(isinstance(r, dict) for r in self.rows):
+            raise ConfigError("evaluate.rows must be a list of mappings such as {weights: base, method: ar}")
+        return [Row.from_dict(r) for r in self.rows]
+
+
+def standard_rows(lookup: bool, recycle: int, trained: bool) -> list[Row]:
+    """Our AR and Jacobi on the base model, and every Jacobi method on the trained CLLM."""
+    ps = (("init", "prefix-sample"),)
+    rows = [Row(weights="base", method="ar"), Row(weights="base", method="jacobi", options=ps)]
+    if lookup:  # what lookup alone gives, without consistency training
+        rows.append(Row(weights="base", method="jacobi-rolling", options=(("init", "lookup"),)))
+    if trained:
+        rows += [Row(weights="cllm", method=m, options=ps) for m in ("jacobi", "jacobi-rolling", "jacobi-multiblock")]
+        if recycle:  # on a CPU each candidate row costs a whole window
+            rows.append(Row(weights="cllm", method="jacobi-multiblock", options=ps + (("recycle", recycle),)))
+        if lookup:
+            rows.append(Row(weights="cllm", method="jacobi-rolling", options=(("init", "lookup"),)))
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +93,7 @@ class PipelineConfig:
     evaluate: EvaluateStage
     source: dict  # the YAML as written, saved with the report
     second_round: "SecondRound | None" = None  # collect again with the trained model, train on
+    variants: dict[str, TrainConfig] = dataclasses.field(default_factory=dict)  # more trainings, same data
 
     @property
     def trajectories_dir(self) -> Path:
@@ -170,14 +207,54 @@ def _collect_and_train(model, dataset: str, limit, options: CollectOptions, stag
     return summary, load_model(train.run_dir)
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+PIPELINE_SECTIONS = {"run_dir", "report_dir", "model", "collect", "train", "variants", "second_round", "evaluate",
+                     "extends"}
+
+
+def _read_sections(path: str | Path, seen: tuple = ()) -> dict:
+    """A pipeline YAML's sections; `extends: OTHER.yaml` starts from OTHER's (sections merged key by
+    key, lists replaced), so a report config can add rows and trainings to a recipe without copying it."""
     try:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (run_dir, collect, train, evaluate, ...)")
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    parent_path = Path(path).parent / parent if not Path(parent).is_absolute() else Path(parent)
+    if parent_path.resolve() in seen:
+        raise ConfigError(f"{path} extends {parent}, which extends it back")
+    return _merge(_read_sections(parent_path, seen + (parent_path.resolve(),)), values)
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    values = _read_sections(path, (Path(path).resolve(),))
     values = apply_overrides(values, list(overrides))
+    unknown = sorted(set(values) - PIPELINE_SECTIONS)
+    if unknown:
+        raise unknown_key(unknown[0], PIPELINE_SECTIONS)
     run_dir = Path(values.get("run_dir", "runs/pipeline"))
     train_values = dict(values.get("train") or {})
+    variants = {}
+    for name, changes in (values.get("variants") or {}).items():
+        if not isinstance(changes, dict) or name in ("base", "cllm"):
+            raise ConfigError(f"variants.{name} must be a mapping of train overrides, named other than base/cllm")
+        variants[name] = config_from_dict(apply_overrides(train_values, [
+            *_dotted(changes), f"run_dir={run_dir / 'variants' / name}",
+            f"data.trajectories=[{run_dir / 'trajectories'}]",
+            f"model.path={values.get('model') if values.get('model') is not None else 'null'}",
+        ]))  # fmt: skip
     return PipelineConfig(
         run_dir=run_dir,
         report_dir=Path(values.get("report_dir", run_dir / "report")),
@@ -187,45 +264,90 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> Pipelin
         evaluate=_section(EvaluateStage, values.get("evaluate"), "evaluate"),
         source=values,
         second_round=_second_round(values.get("second_round"), run_dir, values.get("collect"), train_values),
+        variants=variants,
     )
 
 
-def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_batch=None) -> dict:
-    """Run (or resume) every stage; returns report.json's content."""
-    from cllm_jax.evaluate.evaluation import EvalSettings, run_methods, score
-    from cllm_jax.evaluate.report import trajectory_panels, write_report
+STAGES = ("collect", "train", "evaluate", "report")
+
+
+def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_batch=None,
+                 stop_after: str = "report") -> dict | None:
+    """Run (or resume) every stage up to `stop_after`; returns report.json's content (None if stopped early)."""
+    from cllm_jax.evaluate.report import write_report
+    from cllm_jax.train.loop import run as train_run
     from cllm_jax.weights.load import load_model
 
+    if stop_after not in STAGES:
+        raise ConfigError(f"stop_after {stop_after!r} is not one of {', '.join(STAGES)}")
     base = load_model(config.model)
     c = config.collect
+    if stop_after == "collect":
+        say(f"[1/4] collect: {c.dataset}, n = {c.options.block_size} -> {config.trajectories_dir}")
+        collect(base, load_prompts(c.dataset, limit=c.limit), config.trajectories_dir, c.options, source=c.dataset,
+                on_batch=on_batch)  # fmt: skip
+        return None
     summary, cllm = _collect_and_train(base, c.dataset, c.limit, c.options, config.run_dir, config.train, "", say,
                                        on_batch)  # fmt: skip
     if (r := config.second_round) is not None:
         _, cllm = _collect_and_train(cllm, r.dataset, r.limit, r.options, r.dir, r.train, "round 2 ", say, on_batch)
-
-    evaluation_file = config.run_dir / "evaluation.json"
-    held_out = load_prompts(config.evaluate.dataset, limit=config.evaluate.limit)
-    if evaluation_file.is_file():
-        say(f"[3/4] evaluate: done ({evaluation_file})")
-        evaluation = json.loads(evaluation_file.read_text())
-    else:
-        e = config.evaluate
-        prompts = [base.tokenizer.chat_ids(x.prompt) for x in held_out]
-        settings = EvalSettings(e.max_new_tokens, e.block_size, e.prompt_lookup_num_tokens, e.include_transformers,
-                                tuple(e.block_sizes or ()), e.blocks, e.spawn_ratio, e.recycle, e.lookup)  # fmt: skip
-        runs = run_methods(base, cllm, prompts, settings, progress=lambda name: say(f"[3/4] evaluate: {name}"))
-        evaluation = {
-            "methods": score(runs, held_out, base.tokenizer.decode),
-            "trajectories": trajectory_panels(base, cllm, prompts[0], e.block_size, e.max_new_tokens),
-        }
-        tmp = evaluation_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(evaluation, indent=1))
-        tmp.replace(evaluation_file)  # atomic: a killed evaluation leaves no half file to skip over
-
+    models = {"base": base, "cllm": cllm}
+    for name, train in config.variants.items():
+        if not (Path(train.run_dir) / "export.json").is_file():
+            say(f"[2/4] train variant {name} -> {train.run_dir}")
+            train_run(train)
+        models[name] = load_model(train.run_dir)
+    if stop_after == "train":
+        return None
+    for name, path in config.evaluate.models.items():
+        models[name] = load_model(path)
+    evaluation = evaluate_stage(config, models, say)
+    if stop_after == "evaluate":
+        return None
     say(f"[4/4] report -> {config.report_dir}")
     config.report_dir.mkdir(parents=True, exist_ok=True)
     (config.report_dir / "config.yaml").write_text(yaml.safe_dump(config.source, sort_keys=False))
     metrics_file = config.train_dir / "metrics.jsonl"
     if metrics_file.is_file():
         shutil.copy(metrics_file, config.report_dir / "train_metrics.jsonl")
-    return write_report(config, evaluation, summary, len(held_out))
+    return write_report(config, evaluation, summary, models)
+
+
+def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], Any]) -> dict:
+    """RUN_DIR/evaluation.json: every row's generations and figures. Each finished row is kept in
+    RUN_DIR/evaluation/ as it ends, so a killed evaluation resumes at the row it was in."""
+    from cllm_jax.evaluate import tasks
+    from cllm_jax.evaluate.evaluation import EvalSettings, run_rows, score
+    from cllm_jax.evaluate.report import trajectory_panels
+
+    evaluation_file = config.run_dir / "evaluation.json"
+    if evaluation_file.is_file():
+        say(f"[3/4] evaluate: done ({evaluation_file})")
+        return json.loads(evaluation_file.read_text())
+    e = config.evaluate
+    task = tasks.load_task(e.task, e.dataset, e.limit, models["base"].tokenizer)
+    settings = EvalSettings(max_new_tokens=e.max_new_tokens, block_sizes=tuple(e.block_sizes),
+                            timing_limit=e.timing_limit, batch_size=e.batch_size,
+                            include_transformers=e.include_transformers,
+                            prompt_lookup_num_tokens=e.prompt_lookup_num_tokens)  # fmt: skip
+    runs = run_rows(models, e.row_specs("cllm" in models), task.prompts, settings,
+                    progress=lambda name: say(f"[3/4] evaluate: {name}"), keep_dir=config.run_dir / "evaluation")
+    decode = models["base"].tokenizer.decode
+    judged = task.judge(runs, decode)
+    evaluation = {
+        "task": e.task,
+        "problems": task.ids,
+        "methods": score(runs, judged.correct, judged.final_answer),
+        "runs": [dataclasses.asdict(run) | {"correct": [judged.correct(i, t) for i, t in zip(run.indices,
+                                                                                                 run.token_ids)]}
+                 for run in runs],
+        "judged": judged.details,
+    }
+    cllm = models.get("cllm")
+    if e.task == "gsm8k" and cllm is not None and cllm.model.adapter is None:
+        evaluation["trajectories"] = trajectory_panels(models["base"], cllm, task.prompts[0], max(e.block_sizes),
+                                                       e.max_new_tokens)
+    tmp = evaluation_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(evaluation))
+    tmp.replace(evaluation_file)  # atomic: a killed evaluation leaves no half file to skip over
+    return evaluation

@@ -56,19 +56,6 @@ class KVCache:
             return KVCache(tuple(fn(k) for k in self.keys), tuple(fn(v) for v in self.values))
         return KVCache(jax.vmap(fn)(self.keys), jax.vmap(fn)(self.values))
 
-    def layer(self, index: int) -> tuple[jax.Array, jax.Array]:
-        """Layer `index`'s keys and values [batch, length, kv_heads, head_dim], whatever the layout."""
-        return self.keys[index], self.values[index]
-
-
-def write_layer(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter new [B, T, KV, D] into cache_layer [B, S, KV, D] at slots `positions` [B, T].
-
-    Positions past the end are dropped: padding tokens of a bucketed prompt may point there.
-    """
-    batch_index = jnp.arange(new.shape[0])[:, None]
-    return cache_layer.at[batch_index, positions].set(new.astype(cache_layer.dtype), mode="drop")
-
 
 def causal_mask(query_positions: jax.Array, length: int) -> jax.Array:
     """[B, T, S]: a query at position p sees slots 0..p."""

@@ -24,6 +24,7 @@ from flax import nnx
 from cllm_jax.config import ModelConfig
 from cllm_jax.errors import ConfigError
 from cllm_jax.model import layers as L
+from cllm_jax.model.adapter import Adapter, LayerAdapter
 from cllm_jax.model.kv_cache import KVCache, causal_mask
 
 LAYER_LOOPS = ("scan", "per_layer")
@@ -168,19 +169,27 @@ def cast_matrices(model: "Llama", dtype) -> "Llama":
 
 
 def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array | None, positions: jax.Array, kv=None):
+                  mask: jax.Array | None, positions: jax.Array, kv=None, adapter: LayerAdapter | None = None,
+                  slots: jax.Array | None = None):
     """One pre-norm LLaMA decoder layer: (x, updated kv).
 
     kv is None (no cache: the T tokens attend to each other under `mask`; None mask = causal) or
     (keys, values, index): the layer's own [B, S, KV, D] buffers (index None) or the stacked
-    [L, B, S, KV, D] buffers and this layer's index. The new keys/values are scattered to slots
-    `positions` (past the end: dropped) before the queries attend, so a block sees itself.
+    [L, B, S, KV, D] buffers and this layer's index. The new keys/values are scattered to `slots`
+    (default: the positions; past the end: dropped) before the queries attend, so a block sees
+    itself. `adapter`: this layer's low-rank adapter, added to the projections it targets.
     """
     dtype = config.compute_dtype
     batch, time = x.shape[:2]
+    slots = positions if slots is None else slots
+
+    def linear(h, name):
+        out = h @ params[name].astype(dtype)
+        delta = adapter.delta(h, name) if adapter is not None else None
+        return out if delta is None else out + delta
 
     def project(h, name, heads):
-        out = h @ params[f"{name}_proj"].astype(dtype)
+        out = linear(h, f"{name}_proj")
         if config.attention_bias:
             out = out + params[f"{name}_bias"].astype(dtype)
         return out.reshape(batch, time, heads, config.head_dim)
@@ -193,21 +202,19 @@ def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Arra
         keys, values, index = kv
         rows = jnp.arange(batch)[:, None]
         if index is None:
-            keys = keys.at[rows, positions].set(k.astype(keys.dtype), mode="drop")
-            values = values.at[rows, positions].set(v.astype(values.dtype), mode="drop")
+            keys = keys.at[rows, slots].set(k.astype(keys.dtype), mode="drop")
+            values = values.at[rows, slots].set(v.astype(values.dtype), mode="drop")
             k, v = keys.astype(dtype), values.astype(dtype)
         else:
             # Scatter straight into the stacked buffer: a loop carry, so XLA updates it in place.
-            keys = keys.at[index, rows, positions].set(k.astype(keys.dtype), mode="drop")
-            values = values.at[index, rows, positions].set(v.astype(values.dtype), mode="drop")
+            keys = keys.at[index, rows, slots].set(k.astype(keys.dtype), mode="drop")
+            values = values.at[index, rows, slots].set(v.astype(values.dtype), mode="drop")
             k, v = keys[index].astype(dtype), values[index].astype(dtype)
         kv = (keys, values)
     attn = L.attention(q, k, v, mask, config.attention, causal=mask is None).reshape(batch, time, -1)
-    x = x + attn @ params["o_proj"].astype(dtype)
+    x = x + linear(attn, "o_proj")
     h = L.rms_norm(x, params["mlp_norm"], config.rms_norm_eps).astype(dtype)
-    x = x + L.swiglu_mlp(
-        h, params["gate_proj"].astype(dtype), params["up_proj"].astype(dtype), params["down_proj"].astype(dtype)
-    )
+    x = x + linear(jax.nn.silu(linear(h, "gate_proj")) * linear(h, "up_proj"), "down_proj")
     return x, kv
 
 
@@ -237,6 +244,7 @@ class Llama(nnx.Module):
             if config.tie_word_embeddings
             else nnx.Param(init(rngs.params(), (config.hidden_size, config.vocab_size), dtype))
         )
+        self.adapter: Adapter | None = None  # cllm_jax.model.adapter.attach gives it one
 
     def __call__(
         self,
@@ -245,60 +253,77 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         mask: jax.Array | None = None,
         remat: bool | str = False,
+        *,
+        adapter_gate: jax.Array | None = None,
+        slots: jax.Array | None = None,
+        adapter_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [B, T, D] and the updated cache.
 
-        With a cache, token t of row b is written to slot positions[b, t] and attends to slots
-        <= positions[b, t]. Without one, the T tokens attend to each other under `mask` [B, T, T]
-        (default: causal), which is what training and packed layouts use. `remat`: none | dots |
-        full (or False/True), the rematerialization policy of each layer in a backward pass.
+        With a cache, token t of row b is written to slot `slots[b, t]` (default positions[b, t])
+        and, without a `mask` [B, T, S], attends to slots <= positions[b, t]. Without a cache the
+        T tokens attend to each other under `mask` [B, T, T] (default: causal), which is what
+        training and packed layouts use. `remat`: none | dots | full (or False/True), the
+        rematerialization policy of each layer in a backward pass. With an adapter attached,
+        `adapter_gate` [B, T] scales its contribution per token (None: 1 everywhere) and
+        `adapter_rng` turns on its dropout (training).
         """
         config = self.config
         x = jnp.take(self.embed[...], tokens, axis=0).astype(config.compute_dtype)
         cos, sin = L.rope_tables(config, positions)
         if cache is not None and mask is None:
             mask = causal_mask(positions, cache.length)
+        adapter = self.adapter
+        lora = adapter.stacked() if adapter is not None else None
 
-        def layer(x, params, kv):
-            return decoder_layer(config, params, x, cos, sin, mask, positions, kv)
+        def layer(x, params, kv, lora_layer, index):
+            layer_adapter = None
+            if lora_layer is not None:
+                key = None if adapter_rng is None else jax.random.fold_in(adapter_rng, index)
+                layer_adapter = LayerAdapter(lora_layer, adapter.config.scale, adapter_gate,
+                                             adapter.config.dropout, key)
+            return decoder_layer(config, params, x, cos, sin, mask, positions, kv, layer_adapter, slots)
 
         layer = L.rematerialize(layer, remat)
         if config.layer_loop == "scan":
-            x, cache = self._scan(layer, x, cache)
+            x, cache = self._scan(layer, x, cache, lora)
         else:
-            x, cache = self._loop(layer, x, cache)
+            x, cache = self._loop(layer, x, cache, lora)
         hidden = L.rms_norm(x, self.final_norm[...], config.rms_norm_eps).astype(config.compute_dtype)
         return hidden, cache
 
-    def _scan(self, layer, x, cache):
+    def _scan(self, layer, x, cache, lora):
         if not is_stacked(self) or (cache is not None and cache.per_layer):
             raise ConfigError("the scan layer loop needs stacked weights and a stacked KV cache: build the "
                               "cache with KVCache.zeros(model.config, ...) and the model with stack_layers")
 
         def body(carry, xs):
             x, keys, values = carry
-            params, index = xs
-            x, kv = layer(x, params, None if keys is None else (keys, values, index))
+            params, lora_layer, index = xs
+            x, kv = layer(x, params, None if keys is None else (keys, values, index), lora_layer, index)
             return (x, *(kv or (None, None))), None
 
         keys, values = (cache.keys, cache.values) if cache is not None else (None, None)
-        xs = (self.layers.stacked(), jnp.arange(self.config.num_layers))
+        xs = (self.layers.stacked(), lora, jnp.arange(self.config.num_layers))
         (x, keys, values), _ = jax.lax.scan(body, (x, keys, values), xs)
         return x, (KVCache(keys, values) if cache is not None else None)
 
-    def _loop(self, layer, x, cache):
+    def _loop(self, layer, x, cache, lora):
+        def lora_at(i):  # the adapter stays stacked (it is small): a static slice per layer
+            return None if lora is None else {t: (a[i], b[i]) for t, (a, b) in lora.items()}
+
         if cache is None:
-            for params in layer_arrays(self):
-                x, _ = layer(x, params, None)
+            for i, params in enumerate(layer_arrays(self)):
+                x, _ = layer(x, params, None, lora_at(i), i)
             return x, None
         if not cache.per_layer:  # a stacked cache: scatter into it at a static layer index
             keys, values = cache.keys, cache.values
             for i, params in enumerate(layer_arrays(self)):
-                x, (keys, values) = layer(x, params, (keys, values, i))
+                x, (keys, values) = layer(x, params, (keys, values, i), lora_at(i), i)
             return x, KVCache(keys, values)
         keys, values = list(cache.keys), list(cache.values)
         for i, params in enumerate(layer_arrays(self)):
-            x, (keys[i], values[i]) = layer(x, params, (keys[i], values[i], None))
+            x, (keys[i], values[i]) = layer(x, params, (keys[i], values[i], None), lora_at(i), i)
         return x, KVCache(tuple(keys), tuple(values))
 
     def logits(self, hidden: jax.Array) -> jax.Array:

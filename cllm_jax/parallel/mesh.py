@@ -85,6 +85,12 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "up_proj": ("layers", "embed", "mlp"),
     "down_proj": ("layers", "mlp", "embed"),
 }
+# An adapter's A [layers, in, r] and B [layers, r, out] split like their projection's in and out axes;
+# the rank axis is small and replicated.
+PARAM_AXES.update({
+    f"{name}_lora_{part}": (axes[0], axes[1], None) if part == "a" else (axes[0], None, axes[2])
+    for name, axes in list(PARAM_AXES.items()) if name.endswith("_proj") for part in "ab"
+})
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:

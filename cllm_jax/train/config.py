@@ -10,6 +10,7 @@ written to every run directory as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -102,6 +103,21 @@ class OptimSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterSection:
+    """A low-rank adapter instead of full fine-tuning (rank 0: off). The base weights stay frozen and
+    never enter the optimizer or the checkpoints; the export is the adapter in the PEFT layout."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    dropout: float = 0.0
+    # true: the adapter acts only on the noisy blocks of a packed row, which read the base model's
+    # view of the prompt and clean blocks: the drafter of the gated decoding layout (decode/drafting.py)
+    gated: bool = False
+    export_merged: bool = False  # also write RUN_DIR/export_merged: the base with the adapter folded in
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSection:
     data: int = -1  # one axis may be -1: all devices the other two leave
     fsdp: int = 1
@@ -138,6 +154,7 @@ class TrainConfig:
     data: DataSection = DataSection()
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
+    adapter: AdapterSection = AdapterSection()
     mesh: MeshSection = MeshSection()
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -169,6 +186,45 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if not 0 <= self.optim.warmup_ratio < 1 or not 0 <= self.loss.label_smoothing < 1:
             raise ConfigError("optim.warmup_ratio and loss.label_smoothing must lie in [0, 1)")
+        o = self.optim
+        ranges = {  # key: (value, lowest, highest, lowest excluded)
+            "optim.lr": (o.lr, 0.0, 1.0, True), "optim.weight_decay": (o.weight_decay, 0.0, 1.0, False),
+            "optim.b1": (o.b1, 0.0, 0.999999, False), "optim.b2": (o.b2, 0.0, 0.999999, False),
+            "optim.eps": (o.eps, 0.0, 1.0, True), "optim.clip_norm": (o.clip_norm, 0.0, math.inf, False),
+            "optim.min_lr_ratio": (o.min_lr_ratio, 0.0, 1.0, False), "loss.ar_weight": (self.loss.ar_weight, 0.0,
+            math.inf, False), "data.noise_min": (self.data.noise_min, 0.0, 1.0, False),
+            "data.noise_max": (self.data.noise_max, 0.0, 1.0, False), "adapter.rank": (self.adapter.rank, 0, 4096, False),
+        }  # fmt: skip
+        for key, (value, low, high, open_low) in ranges.items():
+            if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
+                where = f"{'above' if open_low else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+                raise ConfigError(f"{key} must be {where}, got {value!r}")
+        if self.data.noise_min > self.data.noise_max:
+            raise ConfigError(f"data.noise_min={self.data.noise_min} is above data.noise_max={self.data.noise_max}")
+        if o.max_steps is not None and o.max_steps < 1:
+            raise ConfigError(f"optim.max_steps must be >= 1 (or null: the epochs decide), got {o.max_steps}")
+        if self.adapter.rank:
+            self._check_adapter()
+
+    def _check_adapter(self):
+        from cllm_jax.model.adapter import AdapterConfig
+
+        a = self.adapter
+        AdapterConfig(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout)  # checks the values
+        if self.loss.ar_target == "base":
+            raise ConfigError("loss.ar_target=base distils the base model, which an adapter run keeps frozen "
+                              "already: use loss.ar_target=tokens with train.adapter")
+        if a.gated and (self.data.layout, self.loss.consistency, self.data.context, self.data.ar_source) != (
+                "packed", "global", "clean", "teacher"):
+            raise ConfigError("adapter.gated needs data.layout=packed, loss.consistency=global, data.context=clean "
+                              "and data.ar_source=teacher (the adapter acts on the noisy blocks alone)")
+
+    def adapter_config(self):
+        """The model's AdapterConfig, or None for full fine-tuning."""
+        from cllm_jax.model.adapter import AdapterConfig
+
+        a = self.adapter
+        return AdapterConfig(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout) if a.rank else None
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

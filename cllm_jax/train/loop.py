@@ -36,6 +36,7 @@ from flax import nnx
 from cllm_jax.checkpoint import CHECKPOINT_DIR, EXPORT_DIR, Checkpointer
 from cllm_jax.data.trajectories import TrajectoryRecord, read_trajectories
 from cllm_jax.errors import CllmError, CllmWarning, ConfigError, DataError
+from cllm_jax.model.adapter import LoRAParam, attach as attach_adapter, merge as merge_adapter
 from cllm_jax.model.llama import resolve_layer_loop, stack_layers
 from cllm_jax.parallel import distributed, mesh as mesh_lib
 from cllm_jax.train import health
@@ -144,9 +145,16 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
     tx, schedule = step_lib.make_optimizer(o.lr, total, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
                                            min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1,
                                            b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
-    graphdef, params = nnx.split(model)
+    adapter_config = config.adapter_config()
+    frozen = None
+    if adapter_config is not None:  # only the adapter trains: the base weights come in frozen
+        attach_adapter(model, adapter_config, seed=config.seed)
+        graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
+    else:
+        graphdef, params = nnx.split(model)
     vocab_size = model.config.vocab_size
     shardings = step_lib.state_shardings(params, tx, mesh)
+    frozen_shardings = None if frozen is None else mesh_lib.param_shardings(frozen, mesh)
     fingerprint = {"num_examples": len(data), "examples": _fingerprint(records), "layout": spec.layout}
 
     checkpointer = Checkpointer(ckpt_dir, config.checkpoint.every, config.checkpoint.keep,
@@ -171,8 +179,11 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
         else:
             state = step_lib.init_state(jax.device_get(params), tx, shardings, config.seed)
         # the loaded model is the base model on a resume too: checkpoints hold only the trained one
-        base = ((step_lib.place_params(jax.device_get(params), shardings.params),)
-                if config.loss.ar_target == "base" else ())
+        extra = []  # train_step's arguments after the batch: the frozen base, the distillation base
+        if frozen is not None or config.loss.ar_target == "base":
+            extra.append(None if frozen is None else step_lib.place_params(jax.device_get(frozen), frozen_shardings))
+        if config.loss.ar_target == "base":
+            extra.append(step_lib.place_params(jax.device_get(params), shardings.params))
         del params, model
 
         def position(step: int) -> tuple[int, int]:
@@ -194,9 +205,9 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
                 if step_fn is None:
                     step_fn = step_lib.compile_train_step(
                         graphdef, tx, schedule, _step_options(config, spec), mesh, shardings,
-                        {k: v.ndim for k, v in hb.arrays.items()})
+                        {k: v.ndim for k, v in hb.arrays.items()}, frozen_shardings)
                 t0 = time.perf_counter()
-                state, device_metrics = step_fn(state, batch, *base)
+                state, device_metrics = step_fn(state, batch, *extra)
                 next_batch = host_batch(step + 1) if step + 1 < total else None  # overlaps the step
                 metrics = {k: float(v) for k, v in distributed.to_host(device_metrics).items()}
                 elapsed = time.perf_counter() - t0
@@ -220,7 +231,8 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
     finally:
         checkpointer.close()
 
-    export_dir = _export(run_dir, graphdef, state, tokenizer, main) if config.export else None
+    frozen_params = extra[0] if frozen is not None else None
+    export_dir = _export(run_dir, graphdef, state, frozen_params, tokenizer, config, main) if config.export else None
     return RunResult(run_dir, total, metrics, export_dir)
 
 
@@ -233,7 +245,9 @@ def _step_options(config: TrainConfig, spec: BatchSpec) -> step_lib.StepOptions:
     return step_lib.StepOptions(layout=spec.layout, consistency=spec.consistency, distance=config.loss.distance,
                                 ar_weight=config.loss.ar_weight, label_smoothing=config.loss.label_smoothing,
                                 ar_target=config.loss.ar_target,
-                                shared_target=spec.shared_target, remat=config.model.remat)
+                                shared_target=spec.shared_target, remat=config.model.remat,
+                                gated=bool(config.adapter.rank and config.adapter.gated),
+                                dropout=bool(config.adapter.rank and config.adapter.dropout > 0))
 
 
 def _stopped(what: str, failed_step: int, checkpointer: Checkpointer, abstract) -> TrainingDiverged:
@@ -261,15 +275,30 @@ def _exported_step(run_dir: Path) -> int | None:
         return None
 
 
-def _export(run_dir: Path, graphdef, state, tokenizer, main: bool) -> Path:
+def _export(run_dir: Path, graphdef, state, frozen, tokenizer, config: TrainConfig, main: bool) -> Path:
+    """RUN_DIR/export: the model in Hugging Face format, or for an adapter run the adapter in the PEFT
+    layout (plus the tokenizer), and on request RUN_DIR/export_merged with the adapter folded in."""
     from cllm_jax.weights.load import export_model
+    from cllm_jax.weights.peft import base_model_spec, save_adapter
 
     params = distributed.to_host(state.params)
     out = run_dir / EXPORT_DIR
     if main:
-        model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))
+        states = [jax.tree.map(np.asarray, params)]
+        if frozen is not None:
+            states.append(jax.tree.map(np.asarray, distributed.to_host(frozen)))
+        model = nnx.merge(graphdef, *states)
         model.config = model.config.replace(dtype="float32")
-        export_model(model, out, tokenizer=tokenizer, overwrite=True)
-        (run_dir / "export.json").write_text(json.dumps({"step": int(jax.device_get(state.step))}) + "\n")
+        step = int(jax.device_get(state.step))
+        if frozen is None:
+            export_model(model, out, tokenizer=tokenizer, overwrite=True)
+        else:
+            save_adapter(model, out, base_model_spec(config.model.path),
+                         extra={"gated": config.adapter.gated, "step": step})
+            if tokenizer is not None:
+                tokenizer.save(out)
+            if config.adapter.export_merged:
+                export_model(merge_adapter(model), run_dir / "export_merged", tokenizer=tokenizer, overwrite=True)
+        (run_dir / "export.json").write_text(json.dumps({"step": step}) + "\n")
     distributed.sync("export")
     return out

@@ -50,6 +50,8 @@ class StepOptions:
     ar_target: str = "tokens"  # tokens: cross-entropy on the fixed point | base: the base model's distributions
     shared_target: bool = True
     remat: bool | str = True  # none | dots | full, True/False = full/none (cllm_jax.model.layers.rematerialize)
+    gated: bool = False  # an adapter on the noisy blocks only (packed layout): see micro_loss
+    dropout: bool = False  # the adapter has dropout: draw a key per micro-batch
 
 
 def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, schedule: str = "cosine",
@@ -82,11 +84,11 @@ def _gather(h: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(h, index[..., None], axis=1)
 
 
-def _hidden(model, tokens, mesh, remat, positions=None, mask=None):
+def _hidden(model, tokens, mesh, remat, positions=None, mask=None, gate=None, rng=None):
     batch, time = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-    hidden, _ = model(tokens, positions, mask=mask, remat=remat)
+    hidden, _ = model(tokens, positions, mask=mask, remat=remat, adapter_gate=gate, adapter_rng=rng)
     return mesh_lib.constrain(hidden, mesh, ("batch", "length", "act_embed"))
 
 
@@ -99,35 +101,49 @@ def _base_logits(graphdef, base_params, micro: dict, options: StepOptions, mesh,
     return base.logits(_hidden(base, micro["ar_tokens"], mesh, False))
 
 
-def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOptions, mesh=None, base_params=None):
-    """(total loss, (consistency, ar)) of one micro-batch; both terms divided by global counts."""
+def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOptions, mesh=None, base_params=None,
+               frozen=None, rng=None):
+    """(total loss, (consistency, ar)) of one micro-batch; both terms divided by global counts.
+
+    `params` are what is trained: the whole model, or with an adapter only the adapter, the base
+    weights coming in as `frozen`. A gated adapter acts on the noisy blocks alone, so the prompt and
+    the clean blocks are the base model's own pass: the consistency target is the base model's
+    distribution, and the adapter is what must reach it from noisy states. The adapter never runs on
+    committed text when it drafts, so its AR term is taken where it does run: cross-entropy towards the
+    base model's greedy token (the target's argmax) at the same slots as the consistency term.
+    """
     cons_denom, ar_denom = denoms
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     mask = None
     if options.layout == "packed":
         mask = packed_attention_mask(micro["group"], micro["chain_limit"])
-        h = _hidden(model, micro["tokens"], mesh, options.remat, micro["positions"], mask)
+        gate = (micro["group"] > 0).astype(jnp.float32) if options.gated else None
+        h = _hidden(model, micro["tokens"], mesh, options.remat, micro["positions"], mask, gate, rng)
         # only the positions a loss weighs reach the vocabulary projection (not students, not padding)
         ar_logits = model.logits(_gather(h, micro["ar_index"]))
         student_logits = model.logits(_gather(h, micro["cons_student"]))
         target_logits = model.logits(_gather(h, micro["cons_target"]))
     else:
-        ar_h = _hidden(model, micro["ar_tokens"], mesh, options.remat)
+        ar_h = _hidden(model, micro["ar_tokens"], mesh, options.remat, rng=rng)
         ar_logits = model.logits(ar_h)
         index = micro["cons_index"]
-        student_logits = model.logits(_gather(_hidden(model, micro["student_tokens"], mesh, options.remat), index))
+        student_h = _hidden(model, micro["student_tokens"], mesh, options.remat, rng=rng)
+        student_logits = model.logits(_gather(student_h, index))
         if options.shared_target:
             target_logits = model.logits(_gather(ar_h, index))
         else:  # a forward pass of frozen weights: nothing to differentiate, nothing to remat
-            frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params))
-            target_logits = frozen.logits(_gather(_hidden(frozen, micro["target_tokens"], mesh, False), index))
+            frozen_model = nnx.merge(graphdef, *jax.lax.stop_gradient((params,) if frozen is None else (params, frozen)))
+            target_logits = frozen_model.logits(_gather(_hidden(frozen_model, micro["target_tokens"], mesh, False),
+                                                        index))
     ar_logits = mesh_lib.constrain(ar_logits, mesh, ("batch", "length", "act_vocab"))
-    cons = losses.consistency_loss(student_logits, jax.lax.stop_gradient(target_logits), micro["cons_mask"],
-                                   options.distance, denom=cons_denom)
-    if options.ar_target == "base":
-        # Distillation, meant to keep the order of the base's near-ties where one-hot labels do not
-        # (a CLLM's greedy text leaves the base's where its top-2 margin is small: benchmarks/drift.py).
-        # Measured (ablation row combined_distill): no less drift than hard labels at 240 steps.
+    target_logits = jax.lax.stop_gradient(target_logits)
+    cons = losses.consistency_loss(student_logits, target_logits, micro["cons_mask"], options.distance,
+                                   denom=cons_denom)
+    if options.gated:
+        greedy = jnp.argmax(target_logits, axis=-1)
+        ar = losses.ar_loss(student_logits, greedy, micro["cons_mask"], options.label_smoothing, denom=cons_denom)
+    elif options.ar_target == "base":
+        # Distillation, meant to keep the order of the base's near-ties where one-hot labels do not.
         base_logits = _base_logits(graphdef, base_params, micro, options, mesh, mask)
         ar = losses.consistency_loss(ar_logits, base_logits, micro["ar_weights"], "forward_kl", denom=ar_denom)
     else:
@@ -136,25 +152,30 @@ def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOption
     return cons + options.ar_weight * ar, (cons, ar)
 
 
-def train_step(graphdef, state: TrainState, batch: dict, base_params=None, *, tx, schedule,
+def train_step(graphdef, state: TrainState, batch: dict, frozen=None, base_params=None, *, tx, schedule,
                options: StepOptions, mesh=None, grad_shardings=None) -> tuple[TrainState, dict]:
     """One optimizer step over a [grad_accum, batch, ...] batch. Pure; jit it with `compile_train_step`.
 
+    frozen: the base weights when only an adapter trains (state.params is the adapter), else None.
     base_params: the base model's parameters when options.ar_target == "base", else None."""
     # cons_mask sums to a whole number: 1 per token (tokens norm) or 1 per block (blocks norm, each
     # block's weights 1/count); rounding makes it exact whatever the summation order (sharding)
     denoms = (jnp.round(jnp.sum(batch["cons_mask"])), jnp.sum(batch["ar_weights"]))
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    step_key = jax.random.wrap_key_data(state.rng)
 
-    def accumulate(grads, micro):
-        (_, terms), g = grad_fn(state.params, graphdef, micro, denoms, options, mesh, base_params)
+    def accumulate(grads, xs):
+        micro, index = xs
+        rng = jax.random.fold_in(step_key, index) if options.dropout else None
+        (_, terms), g = grad_fn(state.params, graphdef, micro, denoms, options, mesh, base_params, frozen, rng)
         grads = jax.tree.map(jnp.add, grads, g)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         return grads, terms
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (cons, ar) = jax.lax.scan(accumulate, zeros, batch)
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    grads, (cons, ar) = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum)))
     cons, ar = jnp.sum(cons), jnp.sum(ar)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -211,12 +232,15 @@ def init_state(params, tx, shardings: TrainState, seed: int = 0) -> TrainState:
 
 
 def compile_train_step(graphdef, tx, schedule, options: StepOptions, mesh, shardings: TrainState,
-                       batch_ndims: dict[str, int]):
+                       batch_ndims: dict[str, int], frozen_shardings=None):
     """jax.jit(train_step) with explicit in/out shardings and the state donated: (state, batch) ->
-    (state, metrics), or (state, batch, base_params) when options.ar_target == "base"."""
+    (state, metrics), then `frozen` (the base weights under an adapter: frozen_shardings given) and
+    `base_params` (options.ar_target == "base") as further arguments where they are used."""
     fn = functools.partial(train_step, graphdef, tx=tx, schedule=schedule, options=options, mesh=mesh,
                            grad_shardings=shardings.params)
     batch_sh = {k: mesh_lib.batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
-    base_sh = (shardings.params,) if options.ar_target == "base" else ()
-    return jax.jit(fn, in_shardings=(shardings, batch_sh, *base_sh),
+    extra = [frozen_shardings] if frozen_shardings is not None else []
+    if options.ar_target == "base":
+        extra = [frozen_shardings, shardings.params]
+    return jax.jit(fn, in_shardings=(shardings, batch_sh, *extra),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))

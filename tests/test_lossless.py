@@ -1,0 +1,127 @@
+"""Lossless drafting: whatever the adapter drafts, the output is the base model's autoregressive output.
+
+References: transformers' greedy generate on the base weights (tiny models), our seeded AR sampling
+(the sampling definition), and plain causal forward passes without a cache for what each layout's
+verifier and drafter predict. The adapters here are random (their B is drawn, not zero), so the
+drafts differ from the base model's predictions and the verification really decides.
+"""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cllm_jax.decode import drafting
+from cllm_jax.decode.engine import Decoder
+from cllm_jax.decode.options import Sampling
+from cllm_jax.model import adapter as adapter_lib
+from cllm_jax.model.kv_cache import KVCache
+from tests.tiny import decode, port, random_prompts, torch_greedy, torch_model
+
+EOS = 2
+PROMPTS = random_prompts([5, 11, 17, 3])
+
+
+def with_random_adapter(model, rank=4, scale=0.3, seed=1, targets=adapter_lib.TARGETS):
+    adapter_lib.attach(model, adapter_lib.AdapterConfig(rank=rank, alpha=2.0 * rank, targets=targets))
+    for i, target in enumerate(model.adapter.config.targets):
+        b = getattr(model.adapter, f"{target}_lora_b")
+        b[...] = scale * jax.random.normal(jax.random.key(seed + i), b[...].shape)
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request):
+    """(torch reference, our model of the same weights carrying a random adapter)."""
+    reference = torch_model(request.param, num_key_value_heads=2)
+    return reference, with_random_adapter(port(reference))
+
+
+@pytest.mark.parametrize("layout", ["rows", "gated"])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_lossless_greedy_equals_transformers_generate(pair, layout, block_size, batch_size):
+    reference, model = pair
+    expected = [torch_greedy(reference, p, 40, eos_token_id=EOS) for p in PROMPTS]
+    for blocks, init in [(1, "lookup"), (2, "prefix-sample")]:
+        out = decode(model, PROMPTS, method="jacobi-lossless", layout=layout, block_size=block_size, blocks=blocks,
+                     init=init, max_new_tokens=40, eos_id=EOS, batch_size=batch_size)
+        assert [r.token_ids for r in out] == expected, (blocks, init)
+        assert all(1 <= r.forward_passes <= len(r.token_ids) for r in out)
+
+
+@pytest.mark.parametrize("layout", ["rows", "gated"])
+def test_lossless_seeded_sampling_equals_sampled_ar(pair, layout):
+    _, model = pair
+    sampling = Sampling(temperature=0.9, top_k=30, top_p=0.95, seed=7)
+    base = port(pair[0])
+    ar = decode(base, PROMPTS, method="ar", max_new_tokens=30, eos_id=EOS, sampling=sampling)
+    for batch_size in (1, 4):
+        out = decode(model, PROMPTS, method="jacobi-lossless", layout=layout, block_size=8, max_new_tokens=30,
+                     eos_id=EOS, sampling=sampling, batch_size=batch_size)
+        assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+
+
+def _plain_predictions(model, tokens, gate):
+    """Greedy predictions of one causal forward pass with no cache: the independent reference."""
+    t = tokens.shape[1]
+    positions = jnp.arange(t)[None]
+    hidden, _ = model(tokens, positions, adapter_gate=gate)
+    return np.asarray(jnp.argmax(model.logits(hidden), axis=-1))
+
+
+@pytest.mark.parametrize("layout", ["rows", "gated"])
+def test_each_layout_verifies_with_the_base_and_drafts_with_the_adapter(pair, layout):
+    """After a prefill, one pass over a window: the verifier's predictions are the base model's on
+    text + window; the drafter's are the adapted model's (rows: adapter on every token; gated: the
+    adapter on the window only, over the base model's view of the text)."""
+    _, model = pair
+    prompt, window = np.array([[5, 9, 11, 30, 7, 3, 21]]), np.array([[44, 17, 90, 8, 61, 12]])
+    width = window.shape[1]
+    rows, slots = drafting.cache_shape(layout, 1, 64, width)
+    cache = KVCache.zeros(model.config, rows, slots)
+    first, cache = drafting.start(model, layout, jnp.asarray(prompt), jnp.array([7]), jnp.array([0]), cache,
+                                  Sampling())
+    positions = jnp.arange(7, 7 + width)[None]
+    verified, drafted, _ = drafting.predict(model, layout, jnp.asarray(window), positions, jnp.array([0]), cache,
+                                            Sampling())
+    text = np.concatenate([prompt, window], axis=1)
+    base_gate = jnp.zeros(text.shape)
+    draft_gate = jnp.ones(text.shape) if layout == "rows" else jnp.asarray(np.r_[np.zeros(7), np.ones(width)][None])
+    assert int(first[0]) == _plain_predictions(model, jnp.asarray(prompt), jnp.zeros(prompt.shape))[0, -1]
+    np.testing.assert_array_equal(np.asarray(verified), _plain_predictions(model, jnp.asarray(text), base_gate)[:, 7:])
+    np.testing.assert_array_equal(np.asarray(drafted), _plain_predictions(model, jnp.asarray(text), draft_gate)[:, 7:])
+    assert (np.asarray(verified) != np.asarray(drafted)).any()  # the random adapter really drafts otherwise
+
+
+def test_a_zero_adapter_drafts_as_the_base_model_itself(pair):
+    """With B = 0 the drafter is the base model: lossless decoding makes rolling Jacobi's passes."""
+    reference, _ = pair
+    model = port(reference)
+    adapter_lib.attach(model, adapter_lib.AdapterConfig(rank=2))
+    base = port(reference)
+    common = dict(block_size=8, max_new_tokens=40, eos_id=EOS, init="prefix-sample")
+    rolling = decode(base, PROMPTS, method="jacobi-rolling", **common)
+    for layout in ("rows", "gated"):
+        lossless = decode(model, PROMPTS, method="jacobi-lossless", layout=layout, **common)
+        assert [r.forward_passes for r in lossless] == [r.forward_passes for r in rolling]
+
+
+def test_lossless_refuses_a_model_without_adapter(pair):
+    reference, _ = pair
+    with pytest.raises(ValueError, match="adapter"):
+        Decoder(port(reference), "jacobi-lossless", block_size=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_smollm2_lossless_equals_ar(smollm2, gsm8k_chat_prompts, block_size):
+    model = with_random_adapter(copy.copy(smollm2.model), rank=8, scale=0.05)  # the shared fixture stays plain
+    common = dict(max_new_tokens=48, eos_id=smollm2.tokenizer.eos_token_id)
+    ar = decode(smollm2.model, gsm8k_chat_prompts, method="ar", **common)
+    for layout, batch_size in (("rows", 1), ("gated", 3)):
+        out = decode(model, gsm8k_chat_prompts, method="jacobi-lossless", layout=layout, block_size=block_size,
+                     batch_size=batch_size, **common)
+        assert [r.token_ids for r in out] == [r.token_ids for r in ar], layout
