@@ -144,6 +144,9 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
     except Exception as error:  # an option out of its declared range: one line, in terms of the flag
         raise flag_error(error) from None
     context = loaded.config.max_position_embeddings
+    if options.lookahead >= context:
+        raise InputError(f"--block-size {options.lookahead} does not fit the model's context of {context} tokens: "
+                         f"use a block of a few dozen tokens (16 is the paper's)")
     if options.max_new_tokens + options.lookahead >= context:
         raise InputError(f"--max-new-tokens {options.max_new_tokens} plus a window of {options.lookahead} leave no "
                          f"room for a prompt in the model's context of {context} tokens: lower one of them")
@@ -300,8 +303,9 @@ def chat_main(argv: list[str]) -> None:
     from cllm_jax.errors import CllmError
 
     loaded = load_for_decoding(args)
-    session = ChatSession(loaded, lambda method: decoding_setup(args, fields, loaded, method), args.method,
-                          system=args.system)
+    # a flag applies while the chat runs a method that takes it: /method may switch to any of them
+    session = ChatSession(loaded, lambda method: decoding_setup(args, fields, loaded, method, tuple(METHODS)),
+                          args.method, system=args.system)
     say = functools.partial(print, file=sys.stderr, flush=True)
     say(f"chatting with {loaded.path} ({session.method}); /reset, /method {'|'.join(METHODS)}; Ctrl-D quits")
     try:

@@ -7,7 +7,7 @@ import pytest
 import decode
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.weights.load import load_model
-from tests.tiny import save_tiny_chat_model
+from tests.tiny import decode as tiny_decode, save_tiny_chat_model
 
 MAX_NEW = 20
 
@@ -22,9 +22,8 @@ def chat_dir(tmp_path_factory):
 def whole_answer(loaded, messages, method):
     """The turn decoded in one call, not streamed: what the chat must have shown."""
     tokenizer = loaded.tokenizer
-    settings = dict(method=method, max_new_tokens=MAX_NEW, block_size=8, eos_id=tokenizer.eos_token_id,
-                              pad_id=tokenizer.pad_token_id)  # fmt: skip
-    (result,) = Decoder(loaded.model, **settings).generate([tokenizer.chat_ids(messages)])
+    (result,) = tiny_decode(loaded.model, [tokenizer.chat_ids(messages)], method=method, max_new_tokens=MAX_NEW,
+                       block_size=8, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     return tokenizer.decode(result.token_ids)
 
 
@@ -56,10 +55,11 @@ def test_streamed_pieces_arrive_per_block(chat_dir):
     from cllm_jax.decode.chat import ChatSession
 
     loaded = load_model(chat_dir)
-    settings = dict(method="jacobi-rolling", max_new_tokens=MAX_NEW, block_size=8,
-                              eos_id=loaded.tokenizer.eos_token_id, pad_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+    options = Decoder(loaded.model, "jacobi-rolling", max_new_tokens=MAX_NEW, block_size=8,
+                      eos_id=loaded.tokenizer.eos_token_id, pad_id=loaded.tokenizer.pad_token_id).options
     pieces = []
-    answer, stats = ChatSession(loaded, settings).reply("Count to ten.", on_text=pieces.append)
+    session = ChatSession(loaded, lambda method: (method, loaded.model, options), "jacobi-rolling")
+    answer, stats = session.reply("Count to ten.", on_text=pieces.append)
     assert len([p for p in pieces if p]) >= 2  # 20 tokens in blocks of 8: shown in three steps, not at the end
     assert "".join(pieces) == answer == whole_answer(loaded, [{"role": "user", "content": "Count to ten."}], "ar")
     assert stats.tokens == MAX_NEW and stats.forward_passes >= 3

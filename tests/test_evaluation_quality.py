@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from cllm_jax.data.prompts import PromptExample
 from cllm_jax.evaluate.evaluation import MethodRun, generation_nll, score, with_base_nll
 from tests.tiny import port, random_prompts, torch_model
 
@@ -43,10 +42,10 @@ def test_score_reports_the_ratio_against_the_base_greedy(models):
     greedy = [reference.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
               for p in prompts]  # fmt: skip
     other = random_prompts([10, 6], seed=8)  # random text: far less likely under the model than its greedy text
-    runs = [MethodRun("ar (base)", greedy, [10, 10], [1.0, 1.0]),
-            MethodRun("drifted (cllm)", other, [4, 3], [1.0, 1.0], block_size=8)]  # fmt: skip
+    runs = [MethodRun("ar (base)", "base", [0, 1], greedy, [10, 10], 2, [1.0, 1.0]),
+            MethodRun("drifted (cllm)", "cllm", [0, 1], other, [4, 3], 2, [1.0, 1.0], block_size=8)]  # fmt: skip
     runs = with_base_nll(runs, types.SimpleNamespace(model=model), prompts)
-    table = score(runs, [PromptExample(i, "q", "#### 1") for i in range(2)], lambda ids: " ".join(map(str, ids)))
+    table = score(runs, lambda index, tokens: True, final_answer=None)
 
     expected_greedy = sum(torch_nll(reference, p, g) for p, g in zip(prompts, greedy)) / 20
     expected_other = sum(torch_nll(reference, p, g) for p, g in zip(prompts, other)) / 16

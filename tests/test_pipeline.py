@@ -17,7 +17,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     recipe["train"]["optim"] |= {"max_steps": 3}
     recipe["train"]["checkpoint"] |= {"every": 2, "asynchronous": False}
     recipe["train"]["log"] |= {"progress": False}
-    recipe["evaluate"] |= {"limit": 2, "max_new_tokens": 12, "block_size": 4, "block_sizes": [2, 4], "recycle": 2}
+    recipe["evaluate"] |= {"limit": 2, "max_new_tokens": 12, "block_sizes": [2, 4], "recycle": 2}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     messages = []
@@ -28,8 +28,8 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     # rolling + lookup on the CLLM; transformers x 2
     assert len(methods) == 17
     for name, m in methods.items():
-        assert set(m) == {"tpf", "tokens_per_second", "speedup", "accuracy", "agreement", "base_nll_ratio",
-                          "block_size"}
+        assert set(m) == {"weights", "prompts", "timed_prompts", "tpf", "tokens_per_second", "speedup", "accuracy",
+                          "agreement", "base_nll_ratio", "block_size"}
         assert m["tokens_per_second"] > 0 and m["base_nll_ratio"] > 0
     assert methods["ar (base)"]["tpf"] == 1.0 and methods["ar (base)"]["speedup"] == 1.0
     assert methods["ar (base)"]["base_nll_ratio"] == 1.0 and methods["ar (base)"]["block_size"] is None
@@ -42,7 +42,8 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     cllm = [m for name, m in methods.items() if "(cllm)" in name]
     assert len(cllm) == 10 and {m["block_size"] for m in cllm} == {2, 4}
     assert all(m["base_nll_ratio"] == pytest.approx(cllm[0]["base_nll_ratio"]) for m in cllm)
-    for name in ("report.md", "report.json", "speedup.png", "tpf_distribution.png", "trajectory.png", "config.yaml"):
+    for name in ("report.md", "report.json", "generations.jsonl", "speedup.png", "tpf_distribution.png",
+                 "trajectory.png", "config.yaml"):
         assert (tmp_path / "report" / name).is_file(), name
     assert json.loads((tmp_path / "report" / "report.json").read_text())["methods"] == methods
 
@@ -50,3 +51,42 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     again = []
     run_pipeline(load_pipeline_config(path), say=again.append)
     assert any("train: done" in m for m in again) and any("evaluate: done" in m for m in again)
+
+
+def test_adapter_pipeline_with_variants_lossless_rows_and_humaneval(tmp_path):
+    """The adapter recipe's shape on a tiny model: an adapter and a gated variant train on one
+    collection; lossless rows reproduce the base model's answers on every problem; HumanEval answers are
+    executed; rows past timing_limit decode batched; generations.jsonl holds every row's every answer."""
+    save_tiny_chat_model(tmp_path / "tiny")
+    recipe = yaml.safe_load(open("configs/smollm2_gsm8k_adapter.yaml"))
+    recipe |= {"run_dir": str(tmp_path / "run"), "report_dir": str(tmp_path / "report"), "model": str(tmp_path / "tiny"),
+               "variants": {"gated": {"adapter": {"gated": True}}}}
+    recipe["collect"] |= {"limit": 3, "block_size": 4, "max_new_tokens": 12, "clean": False}
+    recipe["train"]["optim"] |= {"max_steps": 3}
+    recipe["train"]["checkpoint"] |= {"every": 2, "asynchronous": False}
+    recipe["train"]["log"] |= {"progress": False}
+    recipe["evaluate"] = {
+        "task": "humaneval", "limit": 3, "max_new_tokens": 12, "block_sizes": [4], "timing_limit": 1, "batch_size": 2,
+        "include_transformers": False,
+        "rows": [{"weights": "base", "method": "ar"},
+                 {"weights": "cllm", "method": "jacobi-lossless", "layout": "rows"},
+                 {"weights": "gated", "method": "jacobi-lossless", "layout": "gated", "init": "prefix-sample"},
+                 {"weights": "cllm", "method": "jacobi-rolling", "full": False}],
+    }  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    report = run_pipeline(load_pipeline_config(path), say=[].append)
+
+    methods = report["methods"]
+    assert list(methods) == ["ar (base)", "jacobi-lossless rows + lookup (cllm)", "jacobi-lossless gated (gated)",
+                             "jacobi-rolling + lookup (cllm)"]
+    for name in ("jacobi-lossless rows + lookup (cllm)", "jacobi-lossless gated (gated)"):
+        assert methods[name]["agreement"]["generations_equal"] == 3 and methods[name]["prompts"] == 3
+    assert methods["jacobi-rolling + lookup (cllm)"]["prompts"] == 1  # not full: the timed prompt only
+    assert report["judged"]["executed"] >= 1
+    lines = [json.loads(line) for line in (tmp_path / "report" / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 + 3 + 3 + 1
+    assert {line["task_id"] for line in lines} == {"HumanEval/0", "HumanEval/1", "HumanEval/2"}
+    assert all(set(line) == {"task_id", "method", "text", "token_ids", "forward_passes", "passed"} for line in lines)
+    assert "Lossless rows" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "run" / "train" / "export" / "adapter_config.json").is_file()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cllm_jax.decode.options import DecodeOptions
-from cllm_jax.decode.prefill import cache_length_for, make_prompt_batch
+from cllm_jax.decode.prefill import bucket_length, cache_length_for, make_prompt_batch
 from cllm_jax.decode.registry import get_method
 from cllm_jax.decode.state import DecodeOutput
 from cllm_jax.errors import ConfigError, InputError
@@ -90,8 +90,9 @@ class Decoder:
         self.batch_size, self.seed = batch_size, seed
         self._compiled: dict[tuple, object] = {}
         self._caches: dict[tuple, KVCache] = {}
+        self._cache_shape(batch_size, bucket_length(1))  # the smallest cache this decoder can need must fit
 
-    def _cache(self, batch: int, bucket: int) -> tuple[tuple[int, int], KVCache]:
+    def _cache_shape(self, batch: int, bucket: int) -> tuple[int, int]:
         o, config = self.options, self.model.config
         shape = o.cache_shape(batch, cache_length_for(bucket, o.max_new_tokens, o.lookahead))
         if shape not in self._caches:
@@ -99,7 +100,11 @@ class Decoder:
             nbytes = 2 * config.num_layers * shape[0] * shape[1] * config.num_kv_heads * config.head_dim * itemsize
             check_memory(nbytes, f"the KV cache for {shape[0]} rows of {shape[1]} positions",
                          "lower the batch size or the number of new tokens")
-        return shape, self._caches.pop(shape, None) or KVCache.zeros(config, *shape)
+        return shape
+
+    def _cache(self, batch: int, bucket: int) -> tuple[tuple[int, int], KVCache]:
+        shape = self._cache_shape(batch, bucket)
+        return shape, self._caches.pop(shape, None) or KVCache.zeros(self.model.config, *shape)
 
     def _run(self, batch, key) -> tuple[DecodeOutput, float, float]:
         shape, cache = self._cache(len(batch.lengths), batch.tokens.shape[1])
@@ -125,6 +130,8 @@ class Decoder:
         o, config, size = self.options, self.model.config, self.batch_size
         key = jax.random.key(self.seed)
         row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
+        if prompts:  # the largest cache this call needs fits (or one line says so) before anything is built
+            self._cache_shape(size, bucket_length(max(len(p) for p in prompts)))
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
             # Pad the last batch with copies of its first prompt: one batch size, one compilation.

@@ -5,7 +5,7 @@ skipped, so rerunning the same command after a kill (or after the whole run) cos
 
     RUN_DIR/trajectories/   decode.py collect output (GSM8K collection split)
     RUN_DIR/train/          train.py run (orbax checkpoints, metrics.jsonl, export/)
-    RUN_DIR/evaluation.json the held-out evaluation
+    RUN_DIR/evaluation-REPORT.json  the held-out evaluation (REPORT: the report directory's name)
     REPORT_DIR/             report.md, report.json, plots, the config
 """
 
@@ -314,13 +314,15 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_b
 
 
 def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], Any]) -> dict:
-    """RUN_DIR/evaluation.json: every row's generations and figures. Each finished row is kept in
-    RUN_DIR/evaluation/ as it ends, so a killed evaluation resumes at the row it was in."""
+    """RUN_DIR/evaluation-REPORT.json: every row's generations and figures (one file per report, so
+    configs that share a run, a recipe and its fuller report, each keep their own). Each finished row
+    is kept in RUN_DIR/evaluation/ as it ends, so a killed evaluation resumes at the row it was in and
+    a row two reports share is decoded once."""
     from cllm_jax.evaluate import tasks
     from cllm_jax.evaluate.evaluation import EvalSettings, run_rows, score
     from cllm_jax.evaluate.report import trajectory_panels
 
-    evaluation_file = config.run_dir / "evaluation.json"
+    evaluation_file = config.run_dir / f"evaluation-{config.report_dir.name}.json"
     if evaluation_file.is_file():
         say(f"[3/4] evaluate: done ({evaluation_file})")
         return json.loads(evaluation_file.read_text())
