@@ -236,6 +236,14 @@ def run_rows(models: dict[str, LoadedModel], rows: list[Row], prompts: list[list
     return with_base_nll(runs, base, prompts)
 
 
+def _own_ar_agreement(run: MethodRun, own_ar: dict) -> float | None:
+    """The fraction of a row's generations equal to its weights' AR text (lossless: the base's), over
+    the prompts both decoded; None where no AR row ran on those weights."""
+    ar = own_ar.get("base" if "lossless" in run.name else run.weights)
+    pairs = [(a, ar[i]) for i, a in zip(run.indices, run.token_ids) if ar is not None and i in ar]
+    return float(np.mean([a == b for a, b in pairs])) if pairs else None
+
+
 def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
           final_answer: Callable[[list[int]], object] | None = None) -> dict:
     """report.json's per-method figures; the first run (our AR on the base model) is the reference.
@@ -244,6 +252,9 @@ def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
     "same final answer" compares (GSM8K's number), or None where the task has none."""
     reference = runs[0]
     ref_tokens = dict(zip(reference.indices, reference.token_ids))
+    # Each weights' own AR text, where a row "ar (<weights>)" decoded it: an exact method must give it
+    # (a lossless row must give the base model's)
+    own_ar = {run.weights: dict(zip(run.indices, run.token_ids)) for run in runs if run.name.startswith("ar (")}
     ref_nll = dict(zip(reference.indices, reference.base_nll))
     base_speed = sum(len(t) for t in reference.token_ids[: reference.timed]) / sum(reference.seconds)
     table = {}
@@ -267,6 +278,7 @@ def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
                     [final_answer(a) == final_answer(ref_tokens[i]) for i, a in zip(run.indices, run.token_ids)])),
                 "generation": float(np.mean(same)),
                 "generations_equal": int(sum(same)),
+                "own_ar": _own_ar_agreement(run, own_ar),
             },
             "base_nll_ratio": nll / ref if ref else None,
             "base_nll_per_token": nll,

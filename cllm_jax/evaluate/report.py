@@ -32,6 +32,10 @@ def _fmt(value, spec=".2f"):
     return "n/a" if value is None else format(value, spec)
 
 
+def _own(value) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
 def write_generations(path: Path, evaluation: dict, decode) -> None:
     """generations.jsonl: one line per (problem, method): the text, its token ids, its forward passes,
     and the task's verdict, so every quality figure of the report can be recomputed from it."""
@@ -104,8 +108,8 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict) 
         f"{collect_summary['prompts']} prompts. Config: `config.yaml`; every answer: `generations.jsonl`.",
         "",
         f"| method | n | problems | TPF | tokens/s | speedup vs our AR | {quality} | same answer as base "
-        "| same generation | base NLL ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| same generation as base | = its model's AR text | base NLL ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         agreement = m["agreement"]
@@ -113,7 +117,8 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict) 
         lines.append(
             f"| {name} | {m.get('block_size') or ''} | {m['prompts']} | {_fmt(m['tpf'])} | "
             f"{m['tokens_per_second']:.1f} | {m['speedup']:.2f}x | {100 * m['accuracy']:.1f}% | {same_answer} | "
-            f"{agreement['generations_equal']}/{m['prompts']} | {_fmt(m.get('base_nll_ratio'), '.3f')} |"
+            f"{agreement['generations_equal']}/{m['prompts']} | {_own(agreement.get('own_ar'))} | "
+            f"{_fmt(m.get('base_nll_ratio'), '.3f')} |"
         )
     lossless = [n for n in names if "lossless" in n]
     if lossless:
