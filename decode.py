@@ -17,7 +17,7 @@ import sys
 
 from tqdm import tqdm
 
-from cllm_jax.cli import add_option_flags, flag_error, given_flags
+from cllm_jax.cli import add_option_flags, collect_progress, flag_error, given_flags
 from cllm_jax.decode.options import Sampling
 from cllm_jax.decode.registry import METHODS, get_method
 from cllm_jax.errors import InputError
@@ -195,7 +195,7 @@ def describe(summary: dict, method: str) -> str:
     )
 
 
-def decode_main(argv: list[str]) -> dict:
+def decode_main(argv: list[str], keep_tokens: bool = False) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_prompt_arguments(parser)
@@ -216,7 +216,7 @@ def decode_main(argv: list[str]) -> dict:
         name, model, options = decoding_setup(args, fields, loaded, method, others)
         results = run_method(model, name, options, prompts, args.batch_size, args.seed, show_progress=len(prompts) > 1)
         print_results(results, loaded.tokenizer, name, args.json)
-        summaries[method] = summarize(results)
+        summaries[method] = summarize(results) | ({"token_ids": [r.token_ids for r in results]} if keep_tokens else {})
         print(describe(summaries[method], name), file=sys.stderr)
     if len(summaries) == 2:
         ours, baseline = (summaries[m] for m in summaries)
@@ -263,21 +263,11 @@ def collect_main(argv: list[str]) -> None:
     loaded = load_model(args.model)
     if loaded.tokenizer is None:
         raise InputError("collection needs a model with a tokenizer")
-    bar, tokens = None, 0
-
-    def on_batch(results, left):
-        nonlocal bar, tokens
-        bar = bar or tqdm(desc="collect", unit="prompt", file=sys.stderr)  # from the first batch: none before an error
-        tokens += sum(len(r.token_ids) for r in results)
-        bar.total = bar.n + len(results) + left
-        bar.update(len(results))
-        bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-
+    on_batch = collect_progress()
     try:
         summary = collect(loaded, examples, args.out, options, source=str(source), shard=shard, on_batch=on_batch)
     finally:
-        if bar is not None:
-            bar.close()  # ends the bar's line, so an error stands on its own
+        on_batch.close()
     print(json.dumps(summary, indent=2))
 
 
@@ -342,25 +332,29 @@ DEMO_BLOCK_SIZE = 8  # the fastest n on a CPU, where a 16-token pass costs about
 
 
 def demo_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="decode.py demo", description="Rolling Jacobi (lookup guesses) against AR "
-                                     "on GSM8K questions, with the newest trained CLLM if there is one, else the base "
-                                     "model.")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="decode.py demo", description="Jacobi decoding with lookup guesses "
+                                     "against AR on GSM8K questions: lossless with the newest trained adapter, or "
+                                     "the newest fully trained CLLM, else the base model.")  # fmt: skip
     parser.add_argument("--runs", default="runs", help="where `make cllm` (train.py pipeline) leaves its runs")
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
 
     from cllm_jax.evaluate.demo import closing_statement, newest_cllm
+    from cllm_jax.weights.peft import is_adapter_dir
 
     cllm = newest_cllm(args.runs)
-    print(f"model: {cllm or 'the base model, SmolLM2-135M-Instruct (no trained CLLM under ' + args.runs + '/)'}",
-          file=sys.stderr)  # fmt: skip
+    lossless = cllm is not None and is_adapter_dir(cllm)
+    what = ("the base model, SmolLM2-135M-Instruct (no trained CLLM under " + args.runs + "/)" if cllm is None
+            else f"{cllm} ({'an adapter: lossless, the base model verifies' if lossless else 'a lossy CLLM'})")
+    print(f"model: {what}", file=sys.stderr)
     decode_args = ["--dataset", "gsm8k-eval", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens),
                    "--method", "jacobi-rolling", "--init", "lookup", "--block-size", str(DEMO_BLOCK_SIZE),
                    "--compare", "ar"] + (["--model", str(cllm)] if cllm else [])  # fmt: skip
-    summaries = decode_main(decode_args)
-    print(closing_statement(cllm, summaries["jacobi-rolling"], summaries["ar"], args.limit, DEMO_BLOCK_SIZE),
-          file=sys.stderr)  # fmt: skip
+    runs = decode_main(decode_args, keep_tokens=True)
+    jacobi, ar = runs["jacobi-rolling"], runs["ar"]
+    identical = sum(a == b for a, b in zip(jacobi["token_ids"], ar["token_ids"]))
+    print(closing_statement(cllm, jacobi, ar, args.limit, DEMO_BLOCK_SIZE, lossless, identical), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

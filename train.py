@@ -24,31 +24,17 @@ def pipeline_main(argv: list[str]) -> None:
                         help="end after this stage (rerun without it to go on)")
     args = parser.parse_args(argv)
 
+    from cllm_jax.cli import collect_progress
     from cllm_jax.evaluate.pipeline import load_pipeline_config, run_pipeline
 
     config = load_pipeline_config(args.config, args.overrides)
-    report = run_pipeline(config, on_batch=_collect_bar(), stop_after=args.stop_after)
+    report = run_pipeline(config, on_batch=collect_progress(), stop_after=args.stop_after)
     if report is None:
         print(f"stopped after the {args.stop_after} stage: {config.run_dir}")
         return
     for name, m in report["methods"].items():
         tpf = "n/a " if m["tpf"] is None else f"{m['tpf']:.2f}"
         print(f"{name:<40} TPF {tpf}  {m['tokens_per_second']:6.1f} tok/s  {m['speedup']:.2f}x  acc {m['accuracy']:.1%}")
-
-
-def _collect_bar():
-    """An on_batch callback drawing the collection's progress bar (rate and ETA)."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def on_batch(results, left):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=len(results) + left, desc="collect", unit="prompt", file=sys.stderr)
-        bar.update(len(results))
-
-    return on_batch
 
 
 def ablation_main(argv: list[str]) -> None:
@@ -58,11 +44,12 @@ def ablation_main(argv: list[str]) -> None:
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished rows")
     args = parser.parse_args(argv)
 
+    from cllm_jax.cli import collect_progress
     from cllm_jax.evaluate.ablation import load_ablation_config, run_ablation, write_table
 
     ablation = load_ablation_config(args.config)
     rows = args.rows.split(",") if args.rows else None
-    table = write_table(ablation) if args.table_only else run_ablation(ablation, rows, on_batch=_collect_bar())
+    table = write_table(ablation) if args.table_only else run_ablation(ablation, rows, on_batch=collect_progress())
     done = sum(row is not None for row in table.values())
     print(f"{done} of {len(table)} rows reported: {ablation.report_dir / 'report.md'}")
 

@@ -169,3 +169,28 @@ def flag_error(error: CllmError) -> CllmError:
     if isinstance(error, OptionError):
         return ConfigError(f"{_flag(error.name)} {error.problem}")
     return error
+
+
+def collect_progress():
+    """An on_batch callback for trajectory collection that draws its progress bar (prompts, rate, ETA,
+    tokens/s). The bar appears with the first finished batch (so none stands before an early error)
+    but counts time from when the callback was made, so its first rate is a real one. `.close()` ends
+    its line, so that an error after it stands on a line of its own."""
+    import time
+
+    from tqdm import tqdm
+
+    started, state = time.time(), {"bar": None, "tokens": 0}
+
+    def on_batch(results, left):
+        bar = state["bar"]
+        if bar is None:
+            bar = state["bar"] = tqdm(desc="collect", unit="prompt", file=sys.stderr)
+            bar.start_t = started  # tqdm's clock is time.time
+        state["tokens"] += sum(len(r.token_ids) for r in results)
+        bar.total = bar.n + len(results) + left
+        bar.update(len(results))
+        bar.set_postfix(tok_s=f"{state['tokens'] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+
+    on_batch.close = lambda: state["bar"] is not None and state["bar"].close()
+    return on_batch

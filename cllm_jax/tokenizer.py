@@ -134,11 +134,18 @@ class Tokenizer:
         if not self.has_chat_template:
             raise ConfigError("the tokenizer has no chat template: encode the prompt as plain text instead")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return list(
-            self.hf.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-            )
-        )
+        import jinja2
+
+        try:
+            ids = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              return_dict=False)
+        except jinja2.exceptions.SecurityError as e:  # transformers renders templates in jinja2's sandbox
+            raise CheckpointError(f"the model's chat template tries something unsafe ({e}) and was refused: "
+                                  f"fix chat_template in its tokenizer files, or pass --no-chat") from None
+        except jinja2.exceptions.TemplateError as e:
+            raise CheckpointError(f"the model's chat template does not render ({e}): fix chat_template in its "
+                                  f"tokenizer files, or pass --no-chat") from None
+        return list(ids)
 
     @property
     def has_chat_template(self) -> bool:

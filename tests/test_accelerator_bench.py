@@ -1,4 +1,4 @@
-"""benchmarks/accelerator.py on its tiny shape: one command, every field of the JSON report."""
+"""benchmarks/speed/accelerator.py on its tiny shape: one command, every field of the JSON report."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "accelerator.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--shapes", "tiny",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed" / "accelerator.py"), "--shapes", "tiny",
                            "--bandwidth", "100", "--peak-tflops", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

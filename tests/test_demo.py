@@ -30,6 +30,20 @@ def test_closing_statement_names_what_was_shown_and_the_next_command():
     base = closing_statement(None, jacobi, ar, prompts=4, block_size=16)
     assert "untrained base model" in base and "TPF 1.05" in base and "costs 2.5 one-token passes" in base
     assert "ran at 0.42x AR's speed" in base and base.rstrip().endswith("then rerun `make demo`.") and "`make cllm`" in base
+    lossless = closing_statement("runs/a/train/export", {**jacobi, "tokens_per_forward": 2.5}, ar, prompts=4,
+                                 block_size=8, lossless=True, identical=4)
+    assert "lossless decoding with the adapter runs/a/train/export" in lossless and "4 of 4 answers identical" in lossless
     cllm = closing_statement("runs/x/train/export", {**jacobi, "tokens_per_forward": 1.7}, ar, prompts=4, block_size=16)
     assert "the CLLM runs/x/train/export" in cllm and "1.70 tokens per forward pass" in cllm and "pays only above TPF 2.5" in cllm
     assert cllm.endswith("`.venv/bin/python decode.py chat --model runs/x/train/export`.")
+
+
+def test_an_adapter_run_of_the_base_is_a_cllm(tmp_path):
+    base = tmp_path / "base"
+    torch_model("llama").save_pretrained(base)
+    export = tmp_path / "runs" / "adapter" / "train" / "export"
+    export.mkdir(parents=True)
+    (export / "adapter_config.json").write_text(f'{{"peft_type": "LORA", "base_model_name_or_path": "{base}"}}')
+    assert newest_cllm(tmp_path / "runs", base=str(base)) == export
+    (export / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "another"}')
+    assert newest_cllm(tmp_path / "runs", base=str(base)) is None

@@ -1,9 +1,9 @@
-"""benchmarks/drift_floor.py's weight changes: each is the size it claims, measured in numpy."""
+"""benchmarks/studies/drift_floor.py's weight changes: each is the size it claims, measured in numpy."""
 
 import numpy as np
 import pytest
 
-from benchmarks.drift_floor import params, perturbed, relative_change
+from benchmarks.studies.drift_floor import params, perturbed, relative_change
 from cllm_jax.weights.load import load_model
 from tests.tiny import torch_model
 

@@ -42,8 +42,10 @@ def test_score_reports_the_ratio_against_the_base_greedy(models):
     greedy = [reference.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
               for p in prompts]  # fmt: skip
     other = random_prompts([10, 6], seed=8)  # random text: far less likely under the model than its greedy text
-    runs = [MethodRun("ar (base)", "base", [0, 1], greedy, [10, 10], 2, [1.0, 1.0]),
-            MethodRun("drifted (cllm)", "cllm", [0, 1], other, [4, 3], 2, [1.0, 1.0], block_size=8)]  # fmt: skip
+    common = dict(indices=[0, 1], timed=2, seconds=[1.0, 1.0])
+    runs = [MethodRun(name="ar (base)", weights="base", token_ids=greedy, forward_passes=[10, 10], **common),
+            MethodRun(name="drifted (cllm)", weights="cllm", token_ids=other, forward_passes=[4, 3], block_size=8,
+                      **common)]
     runs = with_base_nll(runs, types.SimpleNamespace(model=model), prompts)
     table = score(runs, lambda index, tokens: True, final_answer=None)
 

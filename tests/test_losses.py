@@ -38,8 +38,16 @@ def make_record(rng, data_id, prompt_len, n=6, n_states=4, k=0, prompt=None, lab
         s[: i + 1] = fixed[: i + 1]
         states.append(tuple(s))
     label_ids = prompt + tuple(int(t) for t in rng.integers(3, 128, 9)) if labels else None
-    return TrajectoryRecord(data_id, k, prompt_len, prompt, tuple(states) + (fixed,), prompt + fixed,
-                            prompt + fixed, labels_ids=label_ids)
+    return TrajectoryRecord(
+        data_id=data_id,
+        jacobian_itr_id=k,
+        prompt_ids_len=prompt_len,
+        prompt_ids=prompt,
+        answer_trajectory_ids=tuple(states) + (fixed,),
+        teacher_output_ids=prompt + fixed,
+        complete_teacher_output_ids=prompt + fixed,
+        labels_ids=label_ids,
+    )
 
 
 # ---------------------------------------------------------------- distances and AR loss
@@ -123,7 +131,7 @@ def test_state_choice_uniform_reproducible_and_never_the_fixed_point():
     for i in range(4):  # local: the target is the next state
         [(state, target)] = state_pairs(record, pick_states(record, np.random.default_rng(i)), "local")
         assert record.answer_trajectory_ids.index(target) == record.answer_trajectory_ids.index(state) + 1
-    source = DataSource([record] * 3, BatchSpec(pad_multiple=8, **TODAY))
+    source = DataSource([record] * 3, BatchSpec.of(pad_multiple=8, **TODAY))
     a, b = source.batch(0, 0, (1, 3)), source.batch(0, 0, (1, 3))
     assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
 
@@ -165,7 +173,7 @@ def reference_record_loss(model, record, student, target, ar_ids, eps=0.1):
 def test_batch_loss_matches_reference_computation(consistency, ar_source):
     rng = np.random.default_rng(2)
     records = [make_record(rng, i, plen) for i, plen in enumerate([5, 9, 3])]
-    spec = BatchSpec(consistency=consistency, ar_source=ar_source, pad_multiple=8, seed=3, shuffle=False, **TODAY)
+    spec = BatchSpec.of(consistency=consistency, ar_source=ar_source, pad_multiple=8, seed=3, shuffle=False, **TODAY)
     hb = DataSource(records, spec).batch(0, 0, (1, 3))
     model = Llama(TINY, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -191,7 +199,7 @@ def test_shared_target_equals_separate_frozen_target():
     graphdef, params = nnx.split(Llama(TINY, rngs=nnx.Rngs(1)))
     results = []
     for shared in (True, False):
-        spec = BatchSpec(pad_multiple=8, shuffle=False)
+        spec = BatchSpec.of(pad_multiple=8, shuffle=False)
         arrays = DataSource(records, spec).batch(0, 0, (1, 2)).arrays
         micro = {k: jnp.asarray(v[0]) for k, v in arrays.items()}
         if not shared:
@@ -227,7 +235,7 @@ def test_packed_equals_per_record_for_single_blocks(consistency, ar_source, reci
     graphdef, params = nnx.split(Llama(TINY, rngs=nnx.Rngs(2)))
     out = {}
     for layout in ("per_record", "packed"):
-        spec = BatchSpec(layout=layout, consistency=consistency, ar_source=ar_source, pad_multiple=16,
+        spec = BatchSpec.of(layout=layout, consistency=consistency, ar_source=ar_source, pad_multiple=16,
                          shuffle=False, **recipe)
         options = StepOptions(layout=layout, consistency=consistency, shared_target=spec.shared_target)
         out[layout] = _loss_and_grad(records, spec, params, graphdef, options, (1, 3))
@@ -245,13 +253,20 @@ def test_packed_prompt_of_several_blocks_matches_per_record_consistency():
     prompt, records = tuple(int(t) for t in rng.integers(3, 128, 5)), []
     for k in range(3):
         r = make_record(rng, "p", len(prompt), n_states=2, k=k, prompt=prompt, labels=False)
-        records.append(TrajectoryRecord("p", k, 5, prompt, r.answer_trajectory_ids, r.teacher_output_ids,
-                                        r.teacher_output_ids))
+        records.append(TrajectoryRecord(
+            data_id="p",
+            jacobian_itr_id=k,
+            prompt_ids_len=5,
+            prompt_ids=prompt,
+            answer_trajectory_ids=r.answer_trajectory_ids,
+            teacher_output_ids=r.teacher_output_ids,
+            complete_teacher_output_ids=r.teacher_output_ids,
+        ))
         prompt = r.teacher_output_ids
     graphdef, params = nnx.split(Llama(TINY, rngs=nnx.Rngs(3)))
-    per_record = _loss_and_grad(records, BatchSpec(pad_multiple=8, shuffle=False, **TODAY), params, graphdef,
+    per_record = _loss_and_grad(records, BatchSpec.of(pad_multiple=8, shuffle=False, **TODAY), params, graphdef,
                                 StepOptions(), (1, 3))
-    packed_spec = BatchSpec(layout="packed", pad_multiple=8, shuffle=False, **TODAY)
+    packed_spec = BatchSpec.of(layout="packed", pad_multiple=8, shuffle=False, **TODAY)
     assert len(DataSource(records, packed_spec)) == 1
     packed = _loss_and_grad(records, packed_spec, params, graphdef, StepOptions(layout="packed"), (1, 1))
     np.testing.assert_allclose(float(per_record[0][1][0]), float(packed[0][1][0]), rtol=2e-5)
@@ -265,7 +280,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients():
     values = []
     for dtype in ("float32", "bfloat16"):
         graphdef, params = nnx.split(Llama(TINY.replace(dtype=dtype), rngs=nnx.Rngs(0)))
-        (loss, _), grads = _loss_and_grad(records, BatchSpec(pad_multiple=8, shuffle=False), params, graphdef,
+        (loss, _), grads = _loss_and_grad(records, BatchSpec.of(pad_multiple=8, shuffle=False), params, graphdef,
                                           StepOptions(), (1, 2))
         assert {x.dtype for x in jax.tree.leaves(params)} == {x.dtype for x in jax.tree.leaves(grads)} == {np.dtype("float32")}
         values.append(float(loss))

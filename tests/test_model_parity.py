@@ -1,5 +1,6 @@
 """Logits of our Flax port against transformers' torch models, loaded through our Hugging Face loader."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -87,3 +88,58 @@ def test_export_round_trip_loads_in_transformers(tmp_path):
     ids = np.array(random_prompts([30]))
     np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(reference, ids), atol=1e-5)
     np.testing.assert_allclose(our_logits(load_model(tmp_path / "out").model, ids), torch_logits(reference, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_each_submodule_matches_transformers(kind):
+    """Module by module on the first layer (embedding, norms, q/k/v projections, attention output,
+    MLP) and at the top (final norm, head), against torch forward hooks: a mismatch names its module."""
+    from cllm_jax.model import layers as L
+    from cllm_jax.model.llama import layer_arrays
+    from tests.tiny import port
+
+    reference = torch_model(kind, num_key_value_heads=2, initializer_range=0.02)
+    model = port(reference)
+    ids = np.array(random_prompts([12], seed=5))
+    seen = {}
+    layer = reference.model.layers[0]
+    modules = {"embedding": reference.model.embed_tokens, "input norm": layer.input_layernorm,
+               "q_proj": layer.self_attn.q_proj, "k_proj": layer.self_attn.k_proj, "v_proj": layer.self_attn.v_proj,
+               "attention": layer.self_attn, "post-attention norm": layer.post_attention_layernorm, "mlp": layer.mlp,
+               "final norm": reference.model.norm, "head": reference.lm_head}  # fmt: skip
+
+    def keep(name):
+        def hook(module, inputs, output):  # returns None: the module's output is left as it is
+            seen[name] = (output[0] if isinstance(output, tuple) else output).detach().numpy()
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in modules.items()]
+    with torch.no_grad():
+        reference(torch.tensor(ids))
+    for h in hooks:
+        h.remove()
+
+    config, params = model.config, layer_arrays(model)[0]
+    tokens = jnp.asarray(ids)
+    positions = jnp.arange(ids.shape[1])[None]
+
+    def project(h, name):
+        out = h @ params[f"{name}_proj"]
+        return out + params[f"{name}_bias"] if config.attention_bias else out
+
+    x = jnp.take(model.embed[...], tokens, axis=0)
+    h = L.rms_norm(x, params["attn_norm"], config.rms_norm_eps)
+    q, k, v = (project(h, n) for n in ("q", "k", "v"))
+    cos, sin = L.rope_tables(config, positions)
+    shape = lambda t, heads: t.reshape(1, -1, heads, config.head_dim)  # noqa: E731
+    causal = jnp.tril(jnp.ones((1, ids.shape[1], ids.shape[1]), bool))
+    attn = L.grouped_attention(L.apply_rope(shape(q, config.num_heads), cos, sin),
+                               L.apply_rope(shape(k, config.num_kv_heads), cos, sin), shape(v, config.num_kv_heads),
+                               causal).reshape(1, ids.shape[1], -1) @ params["o_proj"]
+    h2 = L.rms_norm(x + attn, params["mlp_norm"], config.rms_norm_eps)
+    mlp = (jax.nn.silu(h2 @ params["gate_proj"]) * (h2 @ params["up_proj"])) @ params["down_proj"]
+    hidden, _ = model(tokens, positions)
+    ours = {"embedding": x, "input norm": h, "q_proj": q, "k_proj": k, "v_proj": v, "attention": attn,
+            "post-attention norm": h2, "mlp": mlp, "final norm": hidden, "head": model.logits(hidden)}
+    for name, value in ours.items():
+        np.testing.assert_allclose(np.asarray(value), seen[name], atol=2e-5, rtol=1e-4, err_msg=name)

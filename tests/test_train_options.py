@@ -17,7 +17,7 @@ from flax import nnx
 from cllm_jax.data.trajectories import TrajectoryRecord
 from cllm_jax.errors import ConfigError
 from cllm_jax.train import losses, states
-from cllm_jax.train.batching import BatchSpec, DataSource, spec_from_config
+from cllm_jax.train.batching import BatchSpec, DataSource
 from cllm_jax.train.config import config_from_dict
 from cllm_jax.train.packing import pack_records, pack_row, packed_attention_mask
 from cllm_jax.train.spec import ar_weights, chosen_pairs, record_rng
@@ -33,7 +33,15 @@ EOS = 2
 def record_of(states_, k=0, prompt=(5, 6, 7)):
     fixed = states_[-1]
     full = tuple(prompt) + tuple(fixed)
-    return TrajectoryRecord("p", k, len(prompt), tuple(prompt), tuple(map(tuple, states_)), full, full)
+    return TrajectoryRecord(
+        data_id="p",
+        jacobian_itr_id=k,
+        prompt_ids_len=len(prompt),
+        prompt_ids=tuple(prompt),
+        answer_trajectory_ids=tuple(map(tuple, states_)),
+        teacher_output_ids=full,
+        complete_teacher_output_ids=full,
+    )
 
 
 FIXED = (10, 11, 12, 13)
@@ -118,27 +126,26 @@ def test_slot_weights_by_hand():
 
 def test_ar_weights_by_hand():
     seq = [5, EOS, 6, 7, 8, EOS, 9, 9]  # prompt of 3 (with its own EOS), generation 7 8 EOS 9 9
-    spec = BatchSpec(eos_id=EOS)
+    spec = BatchSpec.of(eos_id=EOS)
     # position i predicts seq[i + 1]: targets 7 8 EOS count; the prompt and after the EOS do not
     assert list(ar_weights(seq, 3, 3, spec)) == [0, 0, 1, 1, 1, 0, 0, 0]
-    on_prompt = dataclasses.replace(spec, ar_on_prompt=True)
+    on_prompt = spec.replace(ar_on_prompt=True)
     assert list(ar_weights(seq, 3, 3, on_prompt)) == [1, 1, 1, 1, 1, 0, 0, 0]
-    today = dataclasses.replace(spec, ar_on_prompt=True, ar_after_eos=True)
+    today = spec.replace(ar_on_prompt=True, ar_after_eos=True)
     assert list(ar_weights(seq, 3, 3, today)) == [1] * 7 + [0]
 
 
-def test_config_defaults_are_the_batch_spec_defaults_and_today_is_reachable():
-    assert spec_from_config(config_from_dict({}), EOS) == BatchSpec(eos_id=EOS)
+def test_todays_recipe_is_reachable_and_bad_combinations_are_refused():
     today = config_from_dict({"data": {"noise_schedule": "uniform", "context": "clean"},
                               "loss": {"ar_on_prompt": True, "ar_after_eos": True, "consistency_norm": "tokens",
                                        "student_eos_pads": True, "label_smoothing": 0.1}})
-    spec = spec_from_config(today, EOS)
+    spec = BatchSpec.from_config(today, EOS)
     assert (spec.noise_schedule, spec.context, spec.consistency_norm, spec.ar_on_prompt) == ("uniform", "clean",
                                                                                              "tokens", True)
     with pytest.raises(ConfigError, match="noise_schedule"):
         config_from_dict({"data": {"noise_schedule": "linear"}})
     with pytest.raises(ConfigError, match="states_per_block"):
-        BatchSpec(states_per_block=2)  # per_record holds one state
+        BatchSpec.of(states_per_block=2)  # per_record holds one state
 
 
 # ---------------------------------------------------------------- packed rows against brute force
@@ -159,8 +166,15 @@ def prompt_records(seed=0, blocks=3, n=4, eos_in_last=True, spurious=True):
             states_.append(tuple(s))
         if spurious and k == 0:
             states_[2] = (fixed[0], EOS) + states_[2][2:]  # a spurious EOS in a noisy state
-        out.append(TrajectoryRecord("p", k, len(prompt), prefix, tuple(states_) + (tuple(fixed),),
-                                    prefix + tuple(fixed), prefix + tuple(fixed)))
+        out.append(TrajectoryRecord(
+            data_id="p",
+            jacobian_itr_id=k,
+            prompt_ids_len=len(prompt),
+            prompt_ids=prefix,
+            answer_trajectory_ids=tuple(states_) + (tuple(fixed),),
+            teacher_output_ids=prefix + tuple(fixed),
+            complete_teacher_output_ids=prefix + tuple(fixed),
+        ))
         prefix = prefix + tuple(fixed)
     return out
 
@@ -191,7 +205,7 @@ def rule_mask(chain_len, first, blocks, n, streams, context):
 @pytest.mark.parametrize("context", ["noisy", "clean"])
 def test_packed_mask_follows_the_rule(context):
     records = prompt_records()
-    spec = BatchSpec(layout="packed", eos_id=EOS, states_per_block=2, context=context)
+    spec = BatchSpec.of(layout="packed", eos_id=EOS, states_per_block=2, context=context)
     [pack] = pack_records(records, spec)
     row = pack_row(pack, 0, 0, spec)
     got = np.asarray(packed_attention_mask(jnp.asarray(row["group"]), jnp.asarray(row["chain_limit"])))
@@ -263,7 +277,7 @@ def loss_terms(model, records, spec, options=StepOptions(layout="packed", remat=
 def test_packed_loss_equals_separate_forwards(context, norm, schedule, count):
     model = port(torch_model("llama", num_key_value_heads=2))  # sharp logits: contexts matter
     records = prompt_records()
-    spec = BatchSpec(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, context=context,
+    spec = BatchSpec.of(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, context=context,
                      consistency_norm=norm, noise_schedule=schedule, states_per_block=count, noise_window=4)
     micro, cons, ar, total = loss_terms(model, records, spec)
     ref_cons, ref_ar = brute_force_losses(model, records, spec)
@@ -280,7 +294,7 @@ def test_distilled_ar_term_equals_separate_forwards_of_both_models():
     student = port(torch_model("llama", num_key_value_heads=2))
     base = port(torch_model("llama", seed=4, num_key_value_heads=2))
     records = prompt_records()
-    spec = BatchSpec(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
+    spec = BatchSpec.of(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
     _, cons, ar, _ = loss_terms(student, records, spec, StepOptions(layout="packed", remat=False, ar_target="base"),
                                   base=base)
 
@@ -297,7 +311,7 @@ def test_distilled_ar_term_equals_separate_forwards_of_both_models():
 def test_distilled_ar_term_on_per_record_rows():
     student = port(torch_model("llama", num_key_value_heads=2))
     base = port(torch_model("llama", seed=4, num_key_value_heads=2))
-    micro, _, ar, _ = loss_terms(student, prompt_records(), BatchSpec(eos_id=EOS, shuffle=False, pad_multiple=8),
+    micro, _, ar, _ = loss_terms(student, prompt_records(), BatchSpec.of(eos_id=EOS, shuffle=False, pad_multiple=8),
                                    StepOptions(remat=False, ar_target="base"), rows=2, base=base)
     total, count = 0.0, 0.0
     for tokens, weights in zip(np.asarray(micro["ar_tokens"]), np.asarray(micro["ar_weights"])):
@@ -313,7 +327,7 @@ def test_sparse_vocabulary_projection_equals_the_dense_one():
     """The packed step projects only weighted positions; projecting every position of the row and
     weighting with scattered dense arrays (the old computation) gives the same loss and gradient."""
     model = port(torch_model("llama", seed=1, num_key_value_heads=2))
-    spec = BatchSpec(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
+    spec = BatchSpec.of(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
     hb = DataSource(prompt_records(seed=3), spec).batch(0, 0, (1, 1))
     micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
     assert micro["ar_index"].shape[-1] < micro["tokens"].shape[-1]
@@ -346,16 +360,16 @@ def test_sparse_vocabulary_projection_equals_the_dense_one():
 def test_noisy_context_pack_ends_at_a_missing_block():
     records = prompt_records(blocks=4, eos_in_last=False)
     gap = [records[0], records[1], records[3]]
-    noisy = BatchSpec(layout="packed", eos_id=EOS, context="noisy")
+    noisy = BatchSpec.of(layout="packed", eos_id=EOS, context="noisy")
     assert [len(p.records) for p in pack_records(gap, noisy)] == [2, 1]
-    clean = BatchSpec(layout="packed", eos_id=EOS, context="clean")
+    clean = BatchSpec.of(layout="packed", eos_id=EOS, context="clean")
     assert [len(p.records) for p in pack_records(gap, clean)] == [3]
 
 
 def test_several_states_per_block_fit_max_seq_len():
     records = prompt_records(blocks=3, eos_in_last=False)
     chain = len(records[-1].teacher_output_ids)  # 5 + 12
-    spec = BatchSpec(layout="packed", eos_id=EOS, states_per_block=3, max_seq_len=chain + 2 * 3 * 4)
+    spec = BatchSpec.of(layout="packed", eos_id=EOS, states_per_block=3, max_seq_len=chain + 2 * 3 * 4)
     packs = pack_records(records, spec)  # 3 states x 3 blocks x 4 tokens do not fit with the chain
     assert len(packs) == 2
     assert all(len(pack_row(p, 0, i, spec)["tokens"]) <= spec.max_seq_len for i, p in enumerate(packs))
@@ -365,12 +379,12 @@ def test_per_record_rows_weigh_only_their_own_block():
     """A per-record row of block 2 (prefix = prompt + blocks 0, 1): AR on this block's tokens up to
     the EOS, consistency slots from the first mismatch + 1 to the EOS."""
     records = prompt_records()
-    row = DataSource(records, BatchSpec(eos_id=EOS, shuffle=False)).row(0, 2)
+    row = DataSource(records, BatchSpec.of(eos_id=EOS, shuffle=False)).row(0, 2)
     start = len(records[2].prompt_ids)  # 5 + 8
     expected = np.zeros(start + 4)
     expected[start - 1: start + 1] = 1  # predicting the block's token 0 and its EOS (token 1)
     np.testing.assert_array_equal(row["ar_weights"], expected)
-    [(student, target)] = chosen_pairs(records[2], record_rng(0, 0, 2), BatchSpec(eos_id=EOS))
+    [(student, target)] = chosen_pairs(records[2], record_rng(0, 0, 2), BatchSpec.of(eos_id=EOS))
     p = next(j for j in range(4) if student[j] != target[j])
     np.testing.assert_array_equal(row["cons_mask"], [0, 1, 0, 0, 0] if p == 0 else [0] * 5)
     np.testing.assert_array_equal(row["cons_index"], np.arange(5) + start - 1)

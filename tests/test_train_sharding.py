@@ -33,9 +33,16 @@ def tiny_setup(layout="per_record", batch_size=8, grad_accum=2, seed=0):
         prompt = tuple(int(t) for t in rng.integers(3, 128, 3 + i % 7))
         fixed = tuple(int(t) for t in rng.integers(3, 128, 8))
         states = [tuple(fixed[: j + 1]) + tuple(int(t) for t in rng.integers(3, 128, 7 - j)) for j in range(3)]
-        records.append(TrajectoryRecord(i, 0, len(prompt), prompt, tuple(states) + (fixed,), prompt + fixed,
-                                        prompt + fixed))
-    spec = BatchSpec(layout=layout, pad_multiple=16)
+        records.append(TrajectoryRecord(
+            data_id=i,
+            jacobian_itr_id=0,
+            prompt_ids_len=len(prompt),
+            prompt_ids=prompt,
+            answer_trajectory_ids=tuple(states) + (fixed,),
+            teacher_output_ids=prompt + fixed,
+            complete_teacher_output_ids=prompt + fixed,
+        ))
+    spec = BatchSpec.of(layout=layout, pad_multiple=16)
     return Llama(config, rngs=nnx.Rngs(seed)), records, spec
 
 

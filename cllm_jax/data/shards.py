@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from cllm_jax.data.storage import (PROGRESS_FILE, SUMMARY_FILE, TRAJECTORIES_FILE, Group, describe_diff,
-                                   read_summary, scan_directory, summary_bytes, write_atomic, writing)
-from cllm_jax.errors import ConfigError, DataError
+from cllm_jax.data.storage import (PROGRESS_FILE, SUMMARY_FILE, TRAJECTORIES_FILE, Group, read_summary, scan_directory,
+                                   summary_bytes, write_atomic, writing)
+from cllm_jax.errors import ConfigError, DataError, describe_differences
 
 
 def shard_examples(examples: Sequence, index: int, count: int) -> list[tuple[int, Any]]:
@@ -42,7 +42,7 @@ def _check_shards(dirs: list[Path]) -> list[dict]:
     for d, s in zip(dirs, summaries):
         if s["fingerprint"] != fingerprint:
             raise DataError(f"{d} was collected with other settings than {dirs[0]} "
-                            f"({describe_diff(fingerprint, s['fingerprint'])}); only shards of one run merge")
+                            f"({describe_differences(fingerprint, s['fingerprint'])}); only shards of one run merge")
         if not s.get("shard"):
             raise DataError(f"{d} is not a shard (it was collected unsharded)")
         if not s.get("complete"):

@@ -252,8 +252,3 @@ def summary_bytes(fingerprint: dict, shard: dict | None, complete: bool, groups:
                "complete": complete, "counts": counts(groups)}
     return (json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
-
-def describe_diff(stored: dict, new: dict) -> str:
-    keys = sorted(set(stored) | set(new), key=str)
-    return "; ".join(f"{k}: {stored.get(k, '<absent>')!r} there, {new.get(k, '<absent>')!r} now"[:160]
-                     for k in keys if stored.get(k, "<absent>") != new.get(k, "<absent>"))

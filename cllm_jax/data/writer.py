@@ -11,9 +11,9 @@ from typing import Sequence
 
 from cllm_jax.data.records import TrajectoryRecord
 from cllm_jax.data.storage import (LEGACY_FORMAT, PROGRESS_FILE, SUMMARY_FILE, TRAJECTORIES_FILE, Group, counts,
-                                   describe_diff, json_line, read_summary, scan_directory, summary_bytes,
+                                   json_line, read_summary, scan_directory, summary_bytes,
                                    write_atomic, writing)
-from cllm_jax.errors import ConfigError, DataError
+from cllm_jax.errors import ConfigError, DataError, describe_differences
 
 
 def _lock(out_dir: Path) -> int | None:
@@ -94,7 +94,7 @@ class TrajectoryWriter:
         else:
             if summary.get("fingerprint") != self.fingerprint:
                 raise DataError(f"{self.out_dir} holds trajectories of a different model or different options "
-                                f"({describe_diff(summary.get('fingerprint') or {}, self.fingerprint)}); "
+                                f"({describe_differences(summary.get('fingerprint') or {}, self.fingerprint)}); "
                                 f"use a new --out directory, or delete this one to start over")
             if summary.get("shard") != self.shard:
                 raise DataError(f"{self.out_dir} was written as shard {summary.get('shard')}, not "

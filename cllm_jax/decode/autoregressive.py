@@ -13,7 +13,7 @@ from cllm_jax.decode.prefill import prefill
 from cllm_jax.decode.sampling import choose_tokens
 from cllm_jax.decode.state import DecodeOutput
 from cllm_jax.model.kv_cache import KVCache
-from cllm_jax.model.llama import Llama
+from cllm_jax.model.interface import CausalLM
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,7 +33,7 @@ class _ARState:
 
 @functools.partial(jax.jit, static_argnames=("options",), donate_argnames=("cache",))
 def generate_autoregressive(
-    model: Llama,
+    model: CausalLM,
     prompt_tokens: jax.Array,
     prompt_lengths: jax.Array,
     row_seeds: jax.Array,
@@ -69,4 +69,5 @@ def generate_autoregressive(
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
     zeros = jnp.zeros((batch,), jnp.int32)
-    return DecodeOutput(state.tokens, state.lengths, state.passes, zeros, zeros, zeros, state.cache)
+    return DecodeOutput(tokens=state.tokens, lengths=state.lengths, forward_passes=state.passes, blocks=zeros,
+                        fast_forwarded=zeros, stationary=zeros, cache=state.cache)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from cllm_jax.decode.prefill import prefill
 from cllm_jax.decode.sampling import Sampling, choose_tokens
 from cllm_jax.model.kv_cache import KVCache
-from cllm_jax.model.llama import Llama
+from cllm_jax.model.interface import CausalLM
 
 LAYOUTS = ("self", "rows", "gated")
 LOSSLESS_LAYOUTS = ("rows", "gated")
@@ -47,7 +47,7 @@ def _row_gate(batch: int, time: int) -> jax.Array:
     return jnp.repeat(jnp.array([0.0, 1.0]), batch)[:, None] * jnp.ones((1, time))
 
 
-def start(model: Llama, layout: str, prompt_tokens: jax.Array, prompt_lengths: jax.Array, row_seeds: jax.Array,
+def start(model: CausalLM, layout: str, prompt_tokens: jax.Array, prompt_lengths: jax.Array, row_seeds: jax.Array,
           cache: KVCache, sampling: Sampling) -> tuple[jax.Array, KVCache]:
     """Prefill the prompts into the cache of `layout`; the first token [B] is the verifier's."""
     if layout == "self":
@@ -63,7 +63,7 @@ def start(model: Llama, layout: str, prompt_tokens: jax.Array, prompt_lengths: j
                    adapter_gate=jnp.zeros((batch, time)))
 
 
-def predict(model: Llama, layout: str, window: jax.Array, positions: jax.Array, row_seeds: jax.Array, cache: KVCache,
+def predict(model: CausalLM, layout: str, window: jax.Array, positions: jax.Array, row_seeds: jax.Array, cache: KVCache,
             sampling: Sampling) -> tuple[jax.Array, jax.Array, KVCache]:
     """(verifier's predictions, drafter's predictions, cache) for a window [B, W] at `positions`."""
     batch, width = window.shape

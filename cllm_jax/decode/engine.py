@@ -22,10 +22,10 @@ from cllm_jax.decode.registry import get_method
 from cllm_jax.decode.state import DecodeOutput
 from cllm_jax.errors import ConfigError, InputError
 from cllm_jax.model.kv_cache import KVCache
-from cllm_jax.model.llama import Llama
+from cllm_jax.model.interface import CausalLM
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Generation:
     """One prompt's result and its metrics (cllm_jax/decode/jacobi.py and window.py define them)."""
 
@@ -72,7 +72,7 @@ class Decoder:
     values are the method's options (cllm_jax/decode/registry.py), or pass `options=` built already.
     """
 
-    def __init__(self, model: Llama, method: str = "ar", *, batch_size: int = 1, seed: int = 0,
+    def __init__(self, model: CausalLM, method: str = "ar", *, batch_size: int = 1, seed: int = 0,
                  options: DecodeOptions | None = None, **values):
         self.model = model
         self.method = get_method(method)

@@ -28,7 +28,7 @@ from cllm_jax.decode.prefill import prefill
 from cllm_jax.decode.sampling import choose_tokens
 from cllm_jax.decode.state import DecodeOutput, Progress, commit, start_progress
 from cllm_jax.model.kv_cache import KVCache
-from cllm_jax.model.llama import Llama
+from cllm_jax.model.interface import CausalLM
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +84,7 @@ def _record(state_trajectory, states, block, progress: Progress, index, rows):
 
 @functools.partial(jax.jit, static_argnames=("options",), donate_argnames=("cache",))
 def generate_jacobi(
-    model: Llama,
+    model: CausalLM,
     prompt_tokens: jax.Array,
     prompt_lengths: jax.Array,
     row_seeds: jax.Array,
@@ -152,6 +152,7 @@ def generate_jacobi(
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.progress.done) & (s.step < max_steps), iterate, state)
     p = state.progress
     return DecodeOutput(
-        p.generated[:, : options.max_new_tokens], p.lengths, p.passes, p.blocks, p.fast_forwarded, p.stationary,
-        state.cache, state.trajectory, state.trajectory_states,
-    )  # fmt: skip
+        tokens=p.generated[:, : options.max_new_tokens], lengths=p.lengths, forward_passes=p.passes, blocks=p.blocks,
+        fast_forwarded=p.fast_forwarded, stationary=p.stationary, cache=state.cache, trajectory=state.trajectory,
+        trajectory_states=state.trajectory_states,
+    )

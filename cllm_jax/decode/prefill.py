@@ -11,7 +11,7 @@ import numpy as np
 from cllm_jax.decode.sampling import Sampling, choose_tokens
 from cllm_jax.errors import InputError
 from cllm_jax.model.kv_cache import KVCache
-from cllm_jax.model.llama import Llama
+from cllm_jax.model.interface import CausalLM
 
 MIN_BUCKET = 16
 
@@ -64,7 +64,7 @@ def cache_length_for(bucket: int, max_new_tokens: int, block_size: int = 1) -> i
 
 
 def prefill(
-    model: Llama, tokens: jax.Array, lengths: jax.Array, row_seeds: jax.Array, cache: KVCache, sampling: Sampling,
+    model: CausalLM, tokens: jax.Array, lengths: jax.Array, row_seeds: jax.Array, cache: KVCache, sampling: Sampling,
     adapter_gate: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the prompts through the model; returns the first generated token [B] and the cache."""

@@ -16,7 +16,7 @@ from cllm_jax.model.kv_cache import KVCache
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeOutput:
     """What every method returns; Jacobi methods fill the counters AR leaves at zero."""
 
@@ -32,7 +32,7 @@ class DecodeOutput:
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Progress:
     """Per-row output and counters of the Jacobi methods."""
 
@@ -50,7 +50,8 @@ def start_progress(first: jax.Array, options: DecodeOptions, room: int) -> Progr
     batch = first.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     generated = jnp.zeros((batch, options.max_new_tokens + room), jnp.int32)
-    progress = Progress(generated, zeros, jnp.zeros((batch,), bool), zeros + 1, zeros, zeros, zeros)
+    progress = Progress(generated=generated, lengths=zeros, done=jnp.zeros((batch,), bool), passes=zeros + 1,
+                        blocks=zeros, fast_forwarded=zeros, stationary=zeros)
     return commit(progress, first[:, None], zeros + 1, jnp.ones((batch,), bool), options, only_if_final=True)
 
 

@@ -60,7 +60,7 @@ from cllm_jax.decode.guess import guess_block, guess_tokens, refill_by_lookup
 from cllm_jax.decode.options import JacobiOptions, option
 from cllm_jax.decode.state import DecodeOutput, Progress, accepted_prefix, commit, start_progress, truncate_at_eos
 from cllm_jax.model.kv_cache import KVCache
-from cllm_jax.model.llama import Llama
+from cllm_jax.model.interface import CausalLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _share_winner(cache: KVCache, winner_rows: jax.Array, frontier: jax.Array, g
 
 @functools.partial(jax.jit, static_argnames=("options",), donate_argnames=("cache",))
 def generate_window(
-    model: Llama,
+    model: CausalLM,
     prompt_tokens: jax.Array,
     prompt_lengths: jax.Array,
     row_seeds: jax.Array,
@@ -282,6 +282,5 @@ def generate_window(
     if recycle:
         cache = cache.map_layers(lambda layer: layer[::group])
     blocks = -(-(p.lengths - 1) // n)  # blocks of n generated tokens after the first, as rolling Jacobi
-    return DecodeOutput(
-        p.generated[:, : o.max_new_tokens], p.lengths, p.passes, blocks, p.fast_forwarded, p.stationary, cache,
-    )  # fmt: skip
+    return DecodeOutput(tokens=p.generated[:, : o.max_new_tokens], lengths=p.lengths, forward_passes=p.passes,
+                        blocks=blocks, fast_forwarded=p.fast_forwarded, stationary=p.stationary, cache=cache)

@@ -6,8 +6,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 @dataclasses.dataclass(frozen=True)
 class TorchGeneration:
@@ -40,14 +38,3 @@ def torch_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
             seconds = time.perf_counter() - start
             results.append(TorchGeneration(out[0, len(ids) :].tolist(), seconds))
     return results
-
-
-def throughput(token_counts: list[int], seconds: list[float]) -> dict:
-    """Aggregate tokens/s (all tokens over all time) and the median of per-prompt tokens/s."""
-    per_prompt = [n / s for n, s in zip(token_counts, seconds) if s > 0]
-    return {
-        "tokens": int(sum(token_counts)),
-        "seconds": float(sum(seconds)),
-        "tokens_per_second": float(sum(token_counts) / sum(seconds)) if sum(seconds) > 0 else 0.0,
-        "median_tokens_per_second": float(np.median(per_prompt)) if per_prompt else 0.0,
-    }

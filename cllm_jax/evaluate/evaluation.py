@@ -82,7 +82,7 @@ class Row:
         return label + (f" n={block_size}" if self.jacobi and several_sizes else "")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodRun:
     name: str
     weights: str
@@ -95,7 +95,7 @@ class MethodRun:
     base_nll: list[float] | None = None  # per generation: the base model's summed NLL of its tokens
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSettings:
     max_new_tokens: int = 256
     block_sizes: tuple[int, ...] = (16,)  # every Jacobi row at each n
@@ -137,8 +137,9 @@ def decode_run(name: str, weights: str, loaded: LoadedModel, prompts: list[list[
         batched = Decoder(loaded.model, row.method, options=options, batch_size=settings.batch_size)
         rest = batched.generate(prompts[timed:], row_seeds=list(range(timed, len(prompts))))
     every = results + rest
-    return MethodRun(name, weights, list(range(len(every))), [r.token_ids for r in every],
-                     [r.forward_passes for r in every], timed, [r.seconds for r in results], block_size)
+    return MethodRun(name=name, weights=weights, indices=list(range(len(every))), token_ids=[r.token_ids for r in every],
+                     forward_passes=[r.forward_passes for r in every], timed=timed,
+                     seconds=[r.seconds for r in results], block_size=block_size)
 
 
 @jax.jit
@@ -187,8 +188,9 @@ def _transformers(name, loaded: LoadedModel, prompts, settings: EvalSettings, lo
     torch_generate(model, timed[:1], 4, eos, lookup)  # warm-up
     results = torch_generate(model, timed, settings.max_new_tokens, eos, lookup)
     # transformers does not report forward passes for generate; TPF is left out (empty) for them
-    return MethodRun(name, "base", list(range(len(results))), [r.token_ids for r in results], [], len(results),
-                     [r.seconds for r in results])
+    return MethodRun(name=name, weights="base", indices=list(range(len(results))),
+                     token_ids=[r.token_ids for r in results], forward_passes=[], timed=len(results),
+                     seconds=[r.seconds for r in results])
 
 
 def run_rows(models: dict[str, LoadedModel], rows: list[Row], prompts: list[list[int]], settings: EvalSettings,

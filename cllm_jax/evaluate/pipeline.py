@@ -26,14 +26,14 @@ from cllm_jax.evaluate.evaluation import Row
 from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict, unknown_key
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CollectStage:
     dataset: str = "gsm8k"  # the collection split: never the held-out part
     limit: int | None = None
     options: CollectOptions = CollectOptions()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluateStage:
     task: str = "gsm8k"  # gsm8k (final-number accuracy) | humaneval (pass@1 by executing the tests)
     dataset: str | None = None  # the held-out prompts (default: gsm8k-eval, or the 164 HumanEval problems)
@@ -83,7 +83,7 @@ def standard_rows(lookup: bool, recycle: int, trained: bool) -> list[Row]:
     return rows
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     run_dir: Path
     report_dir: Path
@@ -114,7 +114,7 @@ def _section(cls, values: dict | None, name: str, also_valid: tuple[str, ...] = 
     return cls(**values)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SecondRound:
     """Jacobi Forcing's curriculum (train at n = 16, collect again with that model at n = 32, train on):
     a trained model's fixed points stop being the base model's, so collecting anew gives the second
@@ -184,7 +184,7 @@ def _second_round(values: dict | None, run_dir: Path, collect_values: dict | Non
     stage = _collect_stage({**(collect_values or {}), **(values.get("collect") or {})}, "second_round.collect")
     stage_dir = run_dir / "round2"
     train = _stage_train(train_values, stage_dir, run_dir / "train", _dotted(values.get("train") or {}))
-    return SecondRound(stage_dir, stage.dataset, stage.limit, stage.options, train)
+    return SecondRound(dir=stage_dir, dataset=stage.dataset, limit=stage.limit, options=stage.options, train=train)
 
 
 def _collect_and_train(model, dataset: str, limit, options: CollectOptions, stage_dir: Path, train: TrainConfig,

@@ -59,23 +59,3 @@ def plot_trajectories(panels: dict[str, list[list[int]]], path: str | Path) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def plot_against_weight_change(rows: dict[str, dict], path: str | Path) -> None:
-    """Agreement with the base model and base_nll_ratio against the relative weight change (log x),
-    one labelled point per model (benchmarks/drift_floor.py)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = [("final_answer_agreement", "same final answer as the base"), ("base_nll_ratio", "base_nll_ratio")]
-    for ax, (key, title) in zip(axes, panels):
-        for name, row in rows.items():
-            ax.scatter(row["relative_weight_change"], row[key], color="#3b75af")
-            ax.annotate(name, (row["relative_weight_change"], row[key]), xytext=(4, 4), textcoords="offset points",
-                        fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("relative weight change ||w' - w|| / ||w||")
-        ax.set_title(title)
-    axes[0].axhline(0.5, color="black", linewidth=0.6, linestyle="--")  # issue 10's targets
-    axes[1].axhline(1.10, color="black", linewidth=0.6, linestyle="--")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -28,10 +28,9 @@ from cllm_jax.model.adapter import Adapter, LayerAdapter
 from cllm_jax.model.kv_cache import KVCache, causal_mask
 
 LAYER_LOOPS = ("scan", "per_layer")
-# "auto" picks per_layer on an accelerator from this many parameters. Measured on one H200 (bf16,
-# one token against a 512-slot cache): 135M scan 1.4 ms vs per-layer 2.9 ms (launch-bound), 7B scan
-# 11.7 ms vs per-layer 4.65 ms (slice-bound); the crossing is estimated near 1B (slice cost grows
-# with the weight bytes, launch cost with the layer count). benchmarks/accelerator.py measures both.
+# "auto" picks per_layer on an accelerator from this many parameters: small models are bound by kernel
+# launches, which the scan keeps few; large ones by slicing each layer out of the stacked weights,
+# which the per-layer loop avoids (the crossing, measured on an H200, is in reports/README.md).
 PER_LAYER_MIN_PARAMS = 1_000_000_000
 
 
@@ -53,6 +52,32 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if config.attention_bias:
         shapes.update(q_bias=(q_dim,), k_bias=(kv_dim,), v_bias=(kv_dim,))
     return shapes
+
+
+# Logical axes of every parameter, by the name it has in the model state.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": (None,),
+    "attn_norm": ("layers", None),
+    "mlp_norm": ("layers", None),
+    "q_proj": ("layers", "embed", "heads"),
+    "k_proj": ("layers", "embed", "kv_heads"),
+    "v_proj": ("layers", "embed", "kv_heads"),
+    "o_proj": ("layers", "heads", "embed"),
+    "q_bias": ("layers", "heads"),
+    "k_bias": ("layers", "kv_heads"),
+    "v_bias": ("layers", "kv_heads"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+}
+# An adapter's A [layers, in, r] and B [layers, r, out] split like their projection's in and out axes;
+# the rank axis is small and replicated.
+PARAM_AXES.update({
+    f"{name}_lora_{part}": (axes[0], axes[1], None) if part == "a" else (axes[0], None, axes[2])
+    for name, axes in list(PARAM_AXES.items()) if name.endswith("_proj") for part in "ab"
+})
 
 
 def param_count(config: ModelConfig) -> int:

@@ -17,6 +17,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from cllm_jax.errors import ConfigError
+from cllm_jax.model.interface import param_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -67,32 +68,6 @@ class AxisRules:
 
 DEFAULT_RULES = AxisRules()
 
-# Logical axes of every parameter, by the name it has in the model state.
-PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": (None,),
-    "attn_norm": ("layers", None),
-    "mlp_norm": ("layers", None),
-    "q_proj": ("layers", "embed", "heads"),
-    "k_proj": ("layers", "embed", "kv_heads"),
-    "v_proj": ("layers", "embed", "kv_heads"),
-    "o_proj": ("layers", "heads", "embed"),
-    "q_bias": ("layers", "heads"),
-    "k_bias": ("layers", "kv_heads"),
-    "v_bias": ("layers", "kv_heads"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-}
-# An adapter's A [layers, in, r] and B [layers, r, out] split like their projection's in and out axes;
-# the rank axis is small and replicated.
-PARAM_AXES.update({
-    f"{name}_lora_{part}": (axes[0], axes[1], None) if part == "a" else (axes[0], None, axes[2])
-    for name, axes in list(PARAM_AXES.items()) if name.endswith("_proj") for part in "ab"
-})
-
-
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with one -1 filled in; their product must be the device count."""
     sizes = [data, fsdp, tensor]
@@ -141,14 +116,16 @@ def _layer_index(path) -> int | None:
     return None
 
 
-def param_specs(params, mesh: Mesh, rules: AxisRules = DEFAULT_RULES):
-    """A PartitionSpec for every parameter array of `params` (a model State), same structure."""
+def param_specs(params, mesh: Mesh, rules: AxisRules = DEFAULT_RULES, axes_by_name: dict | None = None):
+    """A PartitionSpec for every parameter array of `params` (a model State), same structure;
+    `axes_by_name`: the model family's logical axes per parameter name (default: the LLaMA family's)."""
+    axes_by_name = param_axes() if axes_by_name is None else axes_by_name
 
     def spec(path, leaf):
         name = param_name(path)
-        if name not in PARAM_AXES:
-            raise ConfigError(f"parameter '{name}' has no logical axes in PARAM_AXES")
-        axes = PARAM_AXES[name]
+        if name not in axes_by_name:
+            raise ConfigError(f"parameter '{name}' has no logical axes in its model family's PARAM_AXES")
+        axes = axes_by_name[name]
         if axes[0] == "layers" and _layer_index(path) is not None:
             axes = axes[1:]  # per-layer storage (model.layers[i].name): one layer, no stacked axis
         if len(axes) != len(leaf.shape):

@@ -29,7 +29,7 @@ from cllm_jax.train import packing
 from cllm_jax.train.spec import (BatchSpec, ar_sequence, ar_weights, bucket, chosen_pairs, record_rng,
                                  round_up, slot_weights, stack_rows)
 
-__all__ = ["BatchSpec", "DataSource", "HostBatch", "RECORD_KEYS", "record_row", "record_rng", "spec_from_config"]
+__all__ = ["BatchSpec", "DataSource", "HostBatch", "RECORD_KEYS", "record_row", "record_rng"]
 
 
 @dataclasses.dataclass
@@ -40,16 +40,6 @@ class HostBatch:
     examples: int  # real (non-empty) rows in the whole global batch
 
 
-def spec_from_config(config, eos_id: int | None) -> BatchSpec:
-    """The BatchSpec of a TrainConfig; `eos_id` is the resolved EOS (None: no EOS handling)."""
-    d, loss = config.data, config.loss
-    return BatchSpec(layout=d.layout, consistency=loss.consistency, ar_source=d.ar_source,
-                     max_seq_len=d.max_seq_len, pad_multiple=d.pad_multiple, eos_id=eos_id, seed=d.seed,
-                     shuffle=d.shuffle, ar_on_prompt=loss.ar_on_prompt, ar_after_eos=loss.ar_after_eos,
-                     states_per_block=d.states_per_block, noise_schedule=d.noise_schedule,
-                     noise_window=d.noise_window, noise_min=d.noise_min, noise_max=d.noise_max,
-                     context=d.context, consistency_norm=loss.consistency_norm,
-                     student_eos_pads=loss.student_eos_pads)
 
 
 def _keep_prefix(record: TrajectoryRecord, spec: BatchSpec, extra: int) -> tuple[int, ...]:

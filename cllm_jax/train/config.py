@@ -21,7 +21,7 @@ import yaml
 from cllm_jax.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     path: str | None = None  # HF directory, .gguf file, or null for the built-in SmolLM2
     dtype: str = "float32"  # compute dtype of matmuls (parameters always stay float32)
@@ -45,7 +45,7 @@ class ModelSection:
             raise ConfigError(f"model.remat={self.remat!r} is not one of none, dots, full (or true/false)") from None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
     trajectories: tuple[str, ...] = ()  # collection directories or .jsonl/.json trajectory files
     layout: str = "per_record"  # per_record (the reference) | packed (Jacobi Forcing style)
@@ -63,12 +63,12 @@ class DataSection:
     noise_min: float = 0.0  # noise of a state = (n - first mismatch with the fixed point) / n
     noise_max: float = 1.0
     # packed: clean (reference: a noisy block sees the converged blocks before it) | noisy (JF: it sees
-    # the noisy blocks before it). Default clean: what Jacobi/rolling decoding sees; on the tiny model
-    # (tests/test_cllm_method.py setup) noisy alone dropped Jacobi TPF after training from 3.2 to 1.5.
+    # the noisy blocks before it). Default clean: what fixed-block and rolling decoding see (noisy
+    # context lowered TPF in the ablation, reports/ablation_gsm8k).
     context: str = "clean"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSection:
     consistency: str = "global"  # global (target on y*) | local (target on the next state)
     distance: str = "forward_kl"  # forward_kl (reference soft CE) | reverse_kl | js
@@ -85,7 +85,7 @@ class LossSection:
     student_eos_pads: bool = False  # true: a student's tokens after its own EOS leave the loss (reference)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimSection:
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -102,7 +102,7 @@ class OptimSection:
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule follows it)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdapterSection:
     """A low-rank adapter instead of full fine-tuning (rank 0: off). The base weights stay frozen and
     never enter the optimizer or the checkpoints; the export is the adapter in the PEFT layout."""
@@ -117,14 +117,14 @@ class AdapterSection:
     export_merged: bool = False  # also write RUN_DIR/export_merged: the base with the adapter folded in
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshSection:
     data: int = -1  # one axis may be -1: all devices the other two leave
     fsdp: int = 1
     tensor: int = 1
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedSection:
     enabled: bool = False  # call jax.distributed.initialize before anything touches devices
     coordinator: str | None = None  # host:port; null lets JAX detect the cluster (SLURM, TPU, ...)
@@ -132,20 +132,20 @@ class DistributedSection:
     process_id: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
     every: int = 200  # optimizer steps between checkpoints (the last step is always saved)
     keep: int = 2
     asynchronous: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogSection:
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # when tensorboardX or torch.utils.tensorboard is importable
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0  # the train state's JAX RNG
@@ -199,6 +199,12 @@ class TrainConfig:
             if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
                 where = f"{'above' if open_low else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
                 raise ConfigError(f"{key} must be {where}, got {value!r}")
+        if self.data.layout == "per_record" and self.data.states_per_block != 1:
+            raise ConfigError(f"data.states_per_block={self.data.states_per_block} needs data.layout=packed "
+                              f"(a per-record row holds one state)")
+        if self.data.layout == "packed" and self.data.context == "noisy" and self.loss.consistency == "local":
+            raise ConfigError("data.context=noisy needs loss.consistency=global (a local target state "
+                              "has no noisy context of its own); use data.context=clean")
         if self.data.noise_min > self.data.noise_max:
             raise ConfigError(f"data.noise_min={self.data.noise_min} is above data.noise_max={self.data.noise_max}")
         if o.max_steps is not None and o.max_steps < 1:

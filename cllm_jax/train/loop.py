@@ -34,14 +34,15 @@ import yaml
 from flax import nnx
 
 from cllm_jax.checkpoint import CHECKPOINT_DIR, EXPORT_DIR, Checkpointer
+from cllm_jax.data.storage import read_summary
 from cllm_jax.data.trajectories import TrajectoryRecord, read_trajectories
-from cllm_jax.errors import CllmError, CllmWarning, ConfigError, DataError
+from cllm_jax.errors import CllmError, CllmWarning, ConfigError, DataError, describe_differences
 from cllm_jax.model.adapter import LoRAParam, attach as attach_adapter, merge as merge_adapter
 from cllm_jax.model.llama import resolve_layer_loop, stack_layers
 from cllm_jax.parallel import distributed, mesh as mesh_lib
 from cllm_jax.train import health
 from cllm_jax.train import step as step_lib
-from cllm_jax.train.batching import BatchSpec, DataSource, spec_from_config
+from cllm_jax.train.batching import BatchSpec, DataSource
 from cllm_jax.train.config import TrainConfig
 from cllm_jax.train.metrics_log import MetricsLog, read_metrics
 
@@ -55,7 +56,7 @@ class TrainingDiverged(CllmError):
     """A loss became NaN or infinite, or the model collapsed to a uniform prediction."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class RunResult:
     run_dir: Path
     steps: int
@@ -68,6 +69,11 @@ def load_records(paths) -> list[TrajectoryRecord]:
         raise ConfigError("data.trajectories is empty: give the collection directories to train on")
     records = []
     for path in paths:
+        summary = read_summary(Path(path)) if Path(path).is_dir() else None
+        if summary is not None and not summary.get("complete", True):
+            done = summary.get("counts", {}).get("prompts", "some")
+            warnings.warn(f"{path} is an unfinished collection ({done} prompts so far): training on what it holds; "
+                          f"rerun its collection to complete it", CllmWarning, stacklevel=2)
         records.extend(read_trajectories(path))
     return records
 
@@ -130,7 +136,7 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
     if main:
         _write_config(run_dir, config)
     eos = config.data.eos_id if config.data.eos_id is not None else model.config.eos_token_id
-    spec = spec_from_config(config, None if eos == -1 else eos)
+    spec = BatchSpec.from_config(config, None if eos == -1 else eos)
     data = DataSource(records, spec)
 
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
@@ -164,14 +170,15 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
         start = checkpointer.latest_step() or 0
         if start >= total and (not config.export or _exported_step(run_dir) == start):  # finished: no writes
             export_dir = run_dir / EXPORT_DIR if config.export else None
-            return RunResult(run_dir, total, (read_metrics(run_dir) or [{}])[-1], export_dir)
+            return RunResult(run_dir=run_dir, steps=total, last_metrics=(read_metrics(run_dir) or [{}])[-1],
+                             export_dir=export_dir)
         if start:
             start, state, position, notes = checkpointer.restore_newest(abstract)
             for note in notes:
                 warnings.warn(note, CllmWarning, stacklevel=2)
             stored = {k: position.get(k) for k in fingerprint}
             if stored != fingerprint:
-                raise DataError(f"{run_dir} was trained on other data ({stored} there, {fingerprint} now); "
+                raise DataError(f"{run_dir} was trained on other data ({describe_differences(stored, fingerprint)}); "
                                 f"resume with the same data.trajectories or choose a new run_dir")
             if (position.get("epoch"), position.get("cursor")) != _position(start, steps_per_epoch, per_step):
                 raise DataError(f"the data position saved at step {start} ({position}) does not follow from the "
@@ -233,7 +240,7 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
 
     frozen_params = extra[0] if frozen is not None else None
     export_dir = _export(run_dir, graphdef, state, frozen_params, tokenizer, config, main) if config.export else None
-    return RunResult(run_dir, total, metrics, export_dir)
+    return RunResult(run_dir=run_dir, steps=total, last_metrics=metrics, export_dir=export_dir)
 
 
 def _position(step: int, steps_per_epoch: int, per_step: int) -> tuple[int, int]:

@@ -44,6 +44,13 @@ def _tensorboard_writer(log_dir: Path, start_step: int):
     return None
 
 
+def peak_memory_gib() -> float:
+    """The process's peak resident memory so far (host RAM: on a CPU, what training needs)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, start_step: int, *, total: int, progress: bool = True,
                  tensorboard: bool = True, enabled: bool = True):
@@ -68,7 +75,7 @@ class MetricsLog:
               first: bool = False) -> dict:
         record = {"step": step, "epoch": epoch, **metrics, "tokens": tokens, "examples": examples,
                   "step_time_s": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-                  "time": time.time()}
+                  "time": time.time(), "peak_memory_gib": peak_memory_gib()}
         if first:
             record["compile"] = True
         if not self.enabled:

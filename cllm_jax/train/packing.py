@@ -57,7 +57,7 @@ ROW_KEYS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Pack:
     chain: tuple[int, ...]
     records: tuple[TrajectoryRecord, ...]
@@ -70,7 +70,7 @@ def _segment_len(record: TrajectoryRecord, spec: BatchSpec) -> int:
     return record.block_size * spec.states_per_block * (2 if spec.consistency == "local" else 1)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _Open:
     chain: list[int]
     offset: int  # tokens dropped from the front of the full sequence
@@ -91,7 +91,8 @@ def _start(record: TrajectoryRecord, spec: BatchSpec) -> _Open:
                           f"with its prefix; raise it")
     full = record.prompt_ids + record.fixed_point
     offset = max(0, len(full) - budget)
-    return _Open(list(full[offset:]), offset, [record], [len(record.prompt_ids) - offset], labels, seg)
+    return _Open(chain=list(full[offset:]), offset=offset, records=[record],
+                 prefix_lens=[len(record.prompt_ids) - offset], labels=labels, used=seg)
 
 
 def _try_add(pack: _Open, record: TrajectoryRecord, spec: BatchSpec) -> bool:
@@ -130,7 +131,8 @@ def pack_records(records: Sequence[TrajectoryRecord], spec: BatchSpec) -> list[P
                     packs.append(current)
                 current = _start(r, spec)
         packs.append(current)
-    return [Pack(tuple(p.chain), tuple(p.records), tuple(p.prefix_lens), p.labels, p.offset) for p in packs]
+    return [Pack(chain=tuple(p.chain), records=tuple(p.records), prefix_lens=tuple(p.prefix_lens), labels=p.labels,
+                 offset=p.offset) for p in packs]
 
 
 def pack_row(pack: Pack, epoch: int, example: int, spec: BatchSpec) -> dict[str, np.ndarray]:

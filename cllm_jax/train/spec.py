@@ -18,41 +18,44 @@ import numpy as np
 from cllm_jax.data.trajectories import TrajectoryRecord
 from cllm_jax.errors import ConfigError, DataError
 from cllm_jax.train import states as states_lib
+from cllm_jax.train.config import DataSection, LossSection, TrainConfig, config_from_dict
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchSpec:
-    """Defaults: the Jacobi Forcing recipe (clean context); config.py's DataSection/LossSection
-    document each key."""
+    """What batching reads of a training config: its data and loss sections and the resolved EOS.
 
-    layout: str = "per_record"
-    consistency: str = "global"
-    ar_source: str = "teacher"
-    max_seq_len: int = 1024
-    pad_multiple: int = 64
-    eos_id: int | None = None
-    seed: int = 0
-    shuffle: bool = True
-    ar_on_prompt: bool = False
-    ar_after_eos: bool = False
-    states_per_block: int = 1
-    noise_schedule: str = "progressive"
-    noise_window: int = 16
-    noise_min: float = 0.0
-    noise_max: float = 1.0
-    context: str = "clean"  # packed layout only: per-record rows hold one block after a clean prefix
-    consistency_norm: str = "blocks"
-    student_eos_pads: bool = False
+    `spec.layout`, `spec.consistency`, ...: the key of whichever section declares it
+    (cllm_jax/train/config.py documents each one and is the one place values are checked).
+    """
 
-    def __post_init__(self):
-        if self.layout == "per_record" and self.states_per_block != 1:
-            raise ConfigError(f"data.states_per_block={self.states_per_block} needs data.layout=packed "
-                              f"(a per-record row holds one state)")
-        if self.layout == "packed" and self.context == "noisy" and self.consistency == "local":
-            raise ConfigError("data.context=noisy needs loss.consistency=global (a local target state "
-                              "has no noisy context of its own); use data.context=clean")
-        if self.states_per_block < 1 or self.noise_window < 1:
-            raise ConfigError("data.states_per_block and data.noise_window must be >= 1")
+    data: DataSection = DataSection()
+    loss: LossSection = LossSection()
+    eos_id: int | None = None  # resolved: the model's EOS, or None for no EOS handling
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, eos_id: int | None) -> "BatchSpec":
+        return cls(data=config.data, loss=config.loss, eos_id=eos_id)
+
+    @classmethod
+    def of(cls, eos_id: int | None = None, **keys) -> "BatchSpec":
+        """A spec from keys of either section, checked as a training config's are (tests, benchmarks)."""
+        data_keys = {f.name for f in dataclasses.fields(DataSection)}
+        sections = {"data": {k: v for k, v in keys.items() if k in data_keys},
+                    "loss": {k: v for k, v in keys.items() if k not in data_keys}}
+        return cls.from_config(config_from_dict(sections), eos_id)
+
+    def replace(self, **keys) -> "BatchSpec":
+        data_keys = {f.name for f in dataclasses.fields(DataSection)}
+        return BatchSpec(data=dataclasses.replace(self.data, **{k: v for k, v in keys.items() if k in data_keys}),
+                         loss=dataclasses.replace(self.loss, **{k: v for k, v in keys.items() if k not in data_keys}),
+                         eos_id=self.eos_id)
+
+    def __getattr__(self, name: str):
+        for section in (self.data, self.loss):
+            if name in section.__dataclass_fields__:
+                return getattr(section, name)
+        raise AttributeError(f"BatchSpec has no key {name!r}")
 
     @property
     def shared_target(self) -> bool:

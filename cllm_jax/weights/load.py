@@ -21,7 +21,7 @@ from cllm_jax.weights.torch_bin import has_torch_weights, read_torch_weights
 RUN_EXPORT_DIR = "export"  # where train.py writes a run's final model inside its run directory
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoadedModel:
     model: Llama
     tokenizer: Tokenizer | None  # None for checkpoints saved without tokenizer files
@@ -57,7 +57,7 @@ def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", lay
     if weights_dtype not in (None, "float32"):
         cast_matrices(model, weights_dtype)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
-    return LoadedModel(model, tokenizer, config, path)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path)
 
 
 def resolve_model(arg: str | os.PathLike | None) -> Path:

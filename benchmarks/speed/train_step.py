@@ -4,15 +4,16 @@ Synthetic trajectories with real shapes: a prompt, then `--blocks` blocks of `--
   per_record  one block record per row (the reference layout: student + AR passes, the target
               taken from the AR pass), prefix = prompt + earlier blocks
   packed      one row per prompt: all its blocks in one forward/backward (cllm_jax/train/packing.py)
-Reported per configuration: compile time, median step time, tokens/s (all tokens fed through the
-model), block records/s (the training signal), and on a GPU the model FLOPs utilisation (6 x params
-per trained token, 2 x per forward-only token, plus full T x T attention; remat recomputation not
-counted, as usual for MFU).
+Reported per configuration: compile time, median step time (of `--steps` timed steps after an
+untimed one), tokens/s (all tokens fed through the model), block records/s (the training signal)
+and its ratio to the reference layout on one device, and on a GPU the model FLOPs utilisation
+(6 x params per trained token, 2 x per forward-only token, plus full T x T attention; remat
+recomputation not counted, as usual for MFU).
 
 The sharded runs re-execute this script with JAX_NUM_CPU_DEVICES=8 (simulated devices on the same
 cores: it measures the overhead of the partitioned program, not a speed-up).
 
-    python benchmarks/train_step.py [--steps 3] [--meshes 1x8x1,2x2x2] [--out reports/train_step.json]
+    python benchmarks/speed/train_step.py [--steps 3] [--meshes 1x8x1,2x2x2] [--out reports/bench/train_step.json]
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 PEAK_TFLOPS = {  # dense tensor-core peaks (bf16, tf32 for fp32), per device
     ("H100", "bfloat16"): 989, ("H100", "float32"): 494, ("H200", "bfloat16"): 989, ("H200", "float32"): 494,
@@ -98,20 +102,21 @@ def measure(layout: str, mesh_shape, args) -> dict:
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps + 1):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])  # the first run pays one-off allocation costs
+    carry = {"state": state}  # the state is donated: each step takes the one the last returned
+
+    def one_step():
+        carry["state"], carry["metrics"] = compiled(carry["state"], batch)
+        jax.block_until_ready(carry["metrics"])
+
+    step_s = harness.best_of(one_step, args.repeats)["median"]  # the untimed first step pays one-off allocations
     blocks = sum(len(data.examples[s].records) if layout == "packed" else 1
                  for s in range(cursor, cursor + batch_size))
     row = {"layout": layout, "mesh": "x".join(map(str, mesh.devices.shape)), "devices": mesh.devices.size,
            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype,
            "batch_rows": batch_size, "seq_len": max(v.shape[-1] for v in hb.arrays.values()),
            "tokens_per_step": hb.tokens, "blocks_per_step": blocks, "compile_s": compile_s, "step_s": step_s,
-           "tokens_per_s": hb.tokens / step_s, "blocks_per_s": blocks / step_s, "loss": float(metrics["loss"])}
+           "tokens_per_s": hb.tokens / step_s, "blocks_per_s": blocks / step_s,
+           "loss": float(carry["metrics"]["loss"])}
     if jax.default_backend() == "gpu":
         kind = next((k for k in ("H200", "H100", "A100") if k in jax.devices()[0].device_kind), None)
         peak = args.peak_tflops or PEAK_TFLOPS.get((kind, args.dtype))
@@ -120,27 +125,21 @@ def measure(layout: str, mesh_shape, args) -> dict:
     return row
 
 
-def print_row(r: dict) -> None:
-    mfu = f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-    print(f"{r['layout']:<10} mesh {r['mesh']:<6} rows {r['batch_rows']} T {r['seq_len']:<4} compile {r['compile_s']:5.1f}s  "
-          f"step {r['step_s']:6.3f}s  {r['tokens_per_s']:7.0f} tok/s  {r['blocks_per_s']:6.2f} blocks/s{mfu}", flush=True)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__, out="reports/bench/train_step.json")
+    parser.add_argument("--steps", dest="repeats", type=int, default=argparse.SUPPRESS,
+                        help="timed steps per configuration, the median kept (the same as --repeats)")
     parser.add_argument("--layouts", default="per_record,packed")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=4, help="blocks per prompt")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step (raised to the mesh's data x fsdp)")
-    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--meshes", default="1x8x1,2x2x2",
                         help="sharded meshes on 8 simulated CPU devices ('' skips). 8x1x1 replicates parameters "
                              "and Adam state 8 times (about 13 GB for SmolLM2): it does not fit a 24 GB host")
     parser.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: by device kind)")
-    parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     layouts = args.layouts.split(",")
@@ -157,11 +156,11 @@ def main() -> None:
     for shape in meshes:
         for layout in layouts:
             rows.append(measure(layout, shape, args))
-            print_row(rows[-1])
+            print(f"{layout} on mesh {rows[-1]['mesh']}: {rows[-1]['step_s']:.3f} s/step", flush=True)
     if jax.default_backend() == "cpu":
         child = [f"--layouts={args.layouts}", f"--prompt-len={args.prompt_len}", f"--blocks={args.blocks}",
                  f"--block-size={args.block_size}", f"--prompts={args.prompts}", f"--batch-size={args.batch_size}",
-                 f"--steps={args.steps}", f"--dtype={args.dtype}"]
+                 f"--repeats={args.repeats}", f"--dtype={args.dtype}"]
         for mesh in filter(None, args.meshes.split(",")):
             env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
             proc = subprocess.run([sys.executable, __file__, *child, f"--worker={mesh}"], env=env,
@@ -170,11 +169,15 @@ def main() -> None:
                 sys.exit(f"error: the {mesh} run failed:\n{proc.stderr[-2000:]}")
             for row in json.loads(proc.stdout.strip().splitlines()[-1]):
                 rows.append(row)
-                print_row(row)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+                print(f"{row['layout']} on mesh {row['mesh']} (simulated): {row['step_s']:.3f} s/step", flush=True)
+    for row in rows:  # against the reference layout on one device
+        row["blocks_ratio"] = row["blocks_per_s"] / rows[0]["blocks_per_s"]
+    print(harness.table(rows, [("layout", "layout", ""), ("mesh", "mesh", ""), ("rows", "batch_rows", "d"),
+                               ("T", "seq_len", "d"), ("compile s", "compile_s", ".1f"), ("step s", "step_s", ".3f"),
+                               ("tokens/s", "tokens_per_s", ".0f"), ("blocks/s", "blocks_per_s", ".2f"),
+                               (f"blocks/s x {rows[0]['layout']} on 1 device", "blocks_ratio", ".2f"),
+                               ("MFU", "mfu", ".1%")]))
+    harness.write(args.out, rows, args)
 
 
 if __name__ == "__main__":

@@ -4,22 +4,29 @@ Jacobi's fixed point equals AR's output exactly when every forward pass computes
 a token whatever else is in the pass. In fp32 the differences between a 1-token and an n-token pass
 (another reduction order in the matmuls) stay far below the gaps between the top logits, so the
 greedy outputs agree; in bf16 (8 bits of mantissa) they can reach a near-tie and flip an argmax, and
-from there the two outputs part. Measured here on held-out GSM8K prompts (the chat template, greedy):
+from there the two outputs part. Measured here on held-out GSM8K prompts (the chat template, one
+length bucket, greedy):
   jacobi_bf16 == ar_bf16     the fixed point under bf16 is bf16 AR's output
   ar_bf16 == ar_fp32         bf16 AR keeps the fp32 output
   jacobi_bf16 == ar_fp32
-with, for each pair that differs, the first token where it does. bf16 is slow on a CPU (4-5x fp32):
-the default 10 prompts x 64 tokens take several minutes.
+with, for each pair that differs, the first token where it does. The JSON holds the pairs and every
+output. bf16 is slow on a CPU (4-5x fp32): the default 10 prompts x 64 tokens take several minutes.
 
-    python benchmarks/bf16_fixed_point.py [--prompts 10] [--max-new-tokens 64] [--block-size 16]
+    python benchmarks/studies/bf16_fixed_point.py [--prompts 10] [--max-new-tokens 64] [--block-size 16] \
+        [--method jacobi]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
+
+from cllm_jax.decode.engine import Decoder  # noqa: E402
+from cllm_jax.weights.load import load_model  # noqa: E402
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -30,17 +37,12 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__, out="reports/bf16_fixed_point.json")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--method", default="jacobi", choices=["jacobi", "jacobi-rolling"])
-    parser.add_argument("--out", default="reports/bf16_fixed_point.json")
     args = parser.parse_args(argv)
-
-    from cllm_jax.decode.engine import Decoder
-    from cllm_jax.evaluate.prompts import gsm8k_benchmark_prompts
-    from cllm_jax.weights.load import load_model
 
     start = time.perf_counter()
     outputs = {}
@@ -49,26 +51,24 @@ def main(argv=None) -> dict:
                                 ("jacobi_bf16", "bfloat16", args.method)):
         loaded = load_model(None, dtype=dtype)
         if prompts is None:
-            prompts = gsm8k_benchmark_prompts(loaded.tokenizer, args.prompts)
-        settings = dict(method=method, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                                  eos_id=loaded.tokenizer.eos_token_id)
-        outputs[name] = [r.token_ids for r in Decoder(loaded.model, **settings).generate(prompts)]
+            prompts = harness.gsm8k_prompts(loaded.tokenizer, args.prompts)
+        block = {} if method == "ar" else {"block_size": args.block_size}
+        decoder = Decoder(loaded.model, method, max_new_tokens=args.max_new_tokens,
+                          eos_id=loaded.tokenizer.eos_token_id, **block)
+        outputs[name] = [r.token_ids for r in decoder.generate(prompts)]
         print(f"{name}: done ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    report = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "block_size": args.block_size,
-              "method": args.method, "pairs": {}}
+    rows = []
     for a, b in (("jacobi_bf16", "ar_bf16"), ("ar_bf16", "ar_fp32"), ("jacobi_bf16", "ar_fp32")):
         diffs = [first_difference(x, y) for x, y in zip(outputs[a], outputs[b])]
-        share = sum(d is None for d in diffs) / len(diffs)
-        report["pairs"][f"{a} == {b}"] = {"share": share, "first_difference": diffs}
         parted = [d for d in diffs if d is not None]
-        where = f"; they part at token {', '.join(map(str, parted))}" if parted else ""
-        print(f"{a} == {b}: {sum(d is None for d in diffs)}/{len(diffs)} prompts ({100 * share:.0f}%){where}")
-    report["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**report, "outputs": outputs}, indent=1) + "\n")
-    print(f"wrote {out} ({report['seconds']:.0f} s)")
+        rows.append({"pair": f"{a} == {b}", "equal": len(diffs) - len(parted), "prompts": len(diffs),
+                     "share": (len(diffs) - len(parted)) / len(diffs), "first_difference": diffs,
+                     "parted_at": ", ".join(map(str, parted))})
+    print(harness.table(rows, [("pair", "pair", ""), ("equal", "equal", "d"), ("of", "prompts", "d"),
+                               ("share", "share", ".0%"), ("they part at token", "parted_at", "")]))
+    report = {"pairs": rows, "seconds": time.perf_counter() - start, "outputs": outputs}
+    harness.write(args.out, report, args)
     return report
 
 

@@ -1,31 +1,33 @@
 """Where a CLLM's greedy text leaves the base model's: teacher-forced on the base's own greedy generations.
 
-    python benchmarks/drift.py runs/smollm2_gsm8k_jf/train/export [MORE_MODELS ...] [--prompts 20]
+    python benchmarks/studies/drift.py runs/smollm2_gsm8k_jf/train/export [MORE_MODELS ...] [--prompts 20]
 
 The base model (the built-in SmolLM2 unless --base) decodes the first N held-out GSM8K problems
-greedily; each model then reads prompt + that text in one forward pass. Per model: the share of
-generated positions whose argmax differs from the base's (per-token mismatch), the first such
-position per prompt (where exact decoding of the CLLM starts writing other text), the base's top-2
-logit margin there, and the tokens both pick. Exact generation agreement over L tokens needs a
-mismatch rate well under 1/L; the evaluation's "same final answer" follows from it on a model whose
-answers depend on the whole text. Writes reports/drift/drift.json (or --out).
+(the evaluation's, whatever their length) greedily; each model then reads prompt + that text in one
+forward pass. Per model: the share of generated positions whose argmax differs from the base's
+(per-token mismatch), the first such position per prompt (where exact decoding of the CLLM starts
+writing other text), the base's top-2 logit margin there, and the tokens both pick. Exact generation
+agreement over L tokens needs a mismatch rate well under 1/L; the evaluation's "same final answer"
+follows from it on a model whose answers depend on the whole text. Writes reports/drift/drift.json
+(or --out).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
 
-from cllm_jax.data.prompts import load_prompts
-from cllm_jax.decode.engine import Decoder
-from cllm_jax.decode.prefill import bucket_length
-from cllm_jax.evaluate.machine import describe_machine
-from cllm_jax.weights.load import load_model
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cllm_jax.data.prompts import load_prompts  # noqa: E402
+from cllm_jax.decode.engine import Decoder  # noqa: E402
+from cllm_jax.decode.prefill import bucket_length  # noqa: E402
+from cllm_jax.weights.load import load_model  # noqa: E402
 
 
 @jax.jit
@@ -67,33 +69,33 @@ def drift(model, base_choices: list[tuple], texts: list[tuple[list[int], list[in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__, out="reports/drift/drift.json")
     parser.add_argument("models", nargs="+", help="CLLMs (training runs or exports)")
     parser.add_argument("--base", help="the base model (default: the built-in SmolLM2)")
     parser.add_argument("--prompts", type=int, default=20, help="the first N held-out GSM8K problems")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--out", default="reports/drift/drift.json")
     args = parser.parse_args()
 
     base = load_model(args.base)
+    # The evaluation's first N problems, of any length (not harness.gsm8k_prompts' one length bucket):
+    # what the evaluation's agreement figures were measured on.
     prompts = [base.tokenizer.chat_ids(e.prompt) for e in load_prompts("gsm8k-eval", limit=args.prompts)]
-    settings = dict(method="ar", max_new_tokens=args.max_new_tokens, eos_id=base.tokenizer.eos_token_id)
-    texts = [(p, g.token_ids) for p, g in zip(prompts, Decoder(base.model, **settings).generate(prompts))]
+    decoder = Decoder(base.model, "ar", max_new_tokens=args.max_new_tokens, eos_id=base.tokenizer.eos_token_id)
+    texts = [(p, g.token_ids) for p, g in zip(prompts, decoder.generate(prompts))]
     base_choices = [greedy_choices(base.model, p + g) for p, g in texts]
-    report = {"machine": describe_machine(), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "base_generation_tokens": [len(g) for _, g in texts], "models": {}}
+    rows = []
     for path in args.models:
-        row = drift(load_model(path).model, base_choices, texts, base.tokenizer.decode)
-        report["models"][path] = row
-        print(f"{path}: per-token mismatch {100 * row['per_token_mismatch']:.1f}%, identical {row['identical']}/"
-              f"{len(texts)}, first divergence at token {row['first_divergence_median']:.0f} (median; "
-              f"{sorted(row['first_divergence'])}), base top-2 margin there {row['base_margin_at_divergence_median']:.2f}")
-        for e in row["examples"][:4]:
-            print(f"    ...{e['after']!r}: base {e['base']!r}, model {e['model']!r}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+        rows.append({"model": path, **drift(load_model(path).model, base_choices, texts, base.tokenizer.decode)})
+        for e in rows[-1]["examples"][:4]:
+            print(f"{path}: ...{e['after']!r}: base {e['base']!r}, model {e['model']!r}")
+    for row in rows:
+        row["identical_of"] = f"{row['identical']}/{len(texts)}"
+    print(harness.table(rows, [("model", "model", ""), ("per-token mismatch", "per_token_mismatch", ".1%"),
+                               ("identical", "identical_of", ""),
+                               ("first divergence (median token)", "first_divergence_median", ".0f"),
+                               ("base top-2 margin there (median)", "base_margin_at_divergence_median", ".2f")]))
+    harness.write(args.out, {"prompts": len(prompts), "base_generation_tokens": [len(g) for _, g in texts],
+                             "models": rows}, args)
 
 
 if __name__ == "__main__":

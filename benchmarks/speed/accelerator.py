@@ -16,28 +16,33 @@ Random weights of the real shapes, created on the device (nothing to download or
                on average) / peak memory bandwidth, and the share of it our AR reaches
   train        a training step (forward + backward + AdamW, packed causal rows): tokens/s and MFU
                = model FLOPs (6 x matmul params x tokens + 12 x layers x T^2 x q_dim per row) / step
-               time / peak FLOPs. The model part of the consistency step (benchmarks/train_step.py
+               time / peak FLOPs. The model part of the consistency step (benchmarks/speed/train_step.py
                times the step with its losses and data layouts).
 
-    python benchmarks/accelerator.py                       # the three shapes; <= 8 min on one H100/H200
-    python benchmarks/accelerator.py --shapes tiny         # a tiny shape: a CPU check (< 2 min)
-    python benchmarks/accelerator.py --bandwidth 3350 --peak-tflops 989 --out reports/accelerator.json
+    python benchmarks/speed/accelerator.py                 # the three shapes; <= 8 min on one H100/H200
+    python benchmarks/speed/accelerator.py --shapes tiny   # a tiny shape: a CPU check (< 2 min)
+    python benchmarks/speed/accelerator.py --bandwidth 3350 --peak-tflops 989 --out reports/accelerator.json
 
 Peak tables cover H100/H200/A100 by device name; --bandwidth (GB/s) and --peak-tflops override.
 A time budget (--budget-s) skips the remaining optional measurements, recorded as such in the JSON.
+Its JSON is its own (device, backend, settings, shapes; tests/test_accelerator_bench.py reads it),
+not the harness's rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 # JAX must not take 75% of the GPU up front: transformers runs in the same process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -100,18 +105,19 @@ def weight_read_bytes(config) -> int:
     return (param_count(config) - lookup_only) * np.dtype(config.dtype).itemsize
 
 
-def timed_generation(model, prompt, repeats: int, **settings):
-    """One prompt decoded under Decoder(model, **settings): (the fastest of `repeats` timed runs, the first
-    run, which compiled). Every run makes the same tokens and passes (greedy, no EOS)."""
+def timed_generation(model, prompt, repeats: int, method: str, **options):
+    """One prompt decoded under Decoder(model, method, **options), timed by the decoder: (the fastest of
+    `repeats` timed runs, the first run, which compiled). Every run makes the same tokens and passes
+    (greedy, no EOS)."""
     from cllm_jax.decode.engine import Decoder
 
-    decoder = Decoder(model, **settings)
+    decoder = Decoder(model, method, **options)
     first = decoder.generate([prompt])[0]  # compiles
     return min((decoder.generate([prompt])[0] for _ in range(repeats)), key=lambda g: g.seconds), first
 
 
 def time_ar(model, prompt, new_tokens: int, repeats: int) -> dict:
-    best, first = timed_generation(model, prompt, repeats, method="ar", max_new_tokens=new_tokens)
+    best, first = timed_generation(model, prompt, repeats, "ar", max_new_tokens=new_tokens)
     tokens, seconds = len(best.token_ids), best.seconds
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ms_per_token": 1e3 * seconds / tokens, "compile_s": first.compile_seconds}
@@ -138,16 +144,15 @@ def time_passes(model, prompt_len: int, cache_len: int, n: int, passes: int, rep
 
         return jax.lax.fori_loop(0, passes, body, (tokens, cache))
 
-    tokens = jnp.full((1, n), 5, jnp.int32)
-    cache = KVCache.zeros(model.config, 1, cache_len)
+    carry = [jnp.full((1, n), 5, jnp.int32), KVCache.zeros(model.config, 1, cache_len)]  # (tokens, cache)
     t0 = time.perf_counter()
-    compiled = run.lower(model, tokens, cache).compile()
+    compiled = run.lower(model, *carry).compile()
     compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run pays one-off allocations
-        t0 = time.perf_counter()
-        tokens, cache = jax.block_until_ready(compiled(model, tokens, cache))
-        best = min(best, time.perf_counter() - t0)
+
+    def loop():  # the cache is donated: each run takes the one the last returned
+        carry[:] = jax.block_until_ready(compiled(model, *carry))
+
+    best = harness.best_of(loop, repeats)["best"]  # the untimed first run pays one-off allocations
     return {"ms": 1e3 * best / passes, "compile_s": compile_s}
 
 
@@ -182,12 +187,13 @@ def time_train(config, rows: int, seq: int, remat: str, steps: int) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, tokens).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, tokens))
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times[1:]))
+    carry = [params, opt_state, None]  # (params, opt_state, loss); both states are donated
+
+    def one_step():
+        carry[:] = jax.block_until_ready(compiled(carry[0], carry[1], tokens))
+
+    step_s = float(harness.best_of(one_step, steps)["median"])  # the untimed first step pays one-off allocations
+    loss = carry[2]
     matmul_params = param_count(config) - config.vocab_size * config.hidden_size * (0 if config.tie_word_embeddings else 1)
     flops = 6 * matmul_params * rows * seq + 12 * config.num_layers * seq * seq * config.num_heads * config.head_dim * rows
     return {"rows": rows, "seq_len": seq, "remat": remat, "layer_loop": config.layer_loop, "step_s": step_s,
@@ -213,18 +219,13 @@ def time_transformers(hf: dict, dtype: str, prompt, new_tokens: int, repeats: in
     out = {"device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
     for name, cache in (("dynamic", None), ("static", "static")):
         def run():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=0, cache_implementation=cache)
             if device == "cuda":
                 torch.cuda.synchronize()
-            return time.perf_counter() - t0
 
-        run()  # warm-up (and compilation of the static-cache forward on CUDA)
-        best = min(run() for _ in range(repeats))
+        best = harness.best_of(run, repeats)["best"]  # its untimed warm-up compiles the static-cache forward on CUDA
         out[name] = {"tokens_per_s": new_tokens / best, "ms_per_token": 1e3 * best / new_tokens}
     del model
     if device == "cuda":
@@ -233,7 +234,7 @@ def time_transformers(hf: dict, dtype: str, prompt, new_tokens: int, repeats: in
 
 
 def time_decode(model, prompt, new_tokens: int, method: str, n: int, init: str, repeats: int) -> dict:
-    best, _ = timed_generation(model, prompt, repeats, method=method, max_new_tokens=new_tokens, block_size=n,
+    best, _ = timed_generation(model, prompt, repeats, method, max_new_tokens=new_tokens, block_size=n,
                                init=init)  # fmt: skip
     return {"method": method, "init": init, "block_size": n, "forward_passes": best.forward_passes,
             "tokens": len(best.token_ids), "ms_per_pass": 1e3 * best.seconds / best.forward_passes}
@@ -344,7 +345,8 @@ def print_shape(shape: str, row: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__, out="reports/accelerator.json")
+    parser.set_defaults(repeats=2)  # best of this many runs after a warm-up
     parser.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b,llama2-7b",
                         help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator, float32 on a CPU")
@@ -356,7 +358,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--passes", type=int, default=None, help="passes per timed loop (default 16; tiny 4)")
     parser.add_argument("--layer-loops", default="scan,per_layer",
                         help="loops to time; the default (auto) loop gets every block size, the others n=1")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs after a warm-up")
     parser.add_argument("--train-rows", type=int, default=None, help="default: 8 (135M), 4 (1.1B), 2 (tiny)")
     parser.add_argument("--train-len", type=int, default=None, help="packed row length (default 576; tiny 64)")
     parser.add_argument("--train-steps", type=int, default=3)
@@ -366,7 +367,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOPs of the dtype")
     parser.add_argument("--skip", default="", help="comma-separated: transformers, train")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip optional work after this many seconds")
-    parser.add_argument("--out", default="reports/accelerator.json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
