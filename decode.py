@@ -298,13 +298,17 @@ def chat_main(argv: list[str]) -> None:
                           args.method, system=args.system)
     say = functools.partial(print, file=sys.stderr, flush=True)
     say(f"chatting with {loaded.path} ({session.method}); /reset, /method {'|'.join(METHODS)}; Ctrl-D quits")
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach us as surrogates, not as an exception
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         while True:
             try:
                 line = input("> " if sys.stdin.isatty() else "").strip()
             except EOFError:
                 return
-            except UnicodeDecodeError:
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
                 say("[error: that line is not UTF-8 text; type it again]")
                 continue
             command, _, value = line.partition(" ")

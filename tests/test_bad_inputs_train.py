@@ -114,6 +114,38 @@ def unknown_pipeline_key(d, inputs, monkeypatch, straight):
     return ["pipeline", "--config", str(ROOT / "configs" / "smollm2_gsm8k.yaml"), "collect.limitt=2"], None, None
 
 
+def negative_lr(d, inputs, monkeypatch, straight):
+    return ["--config", str(config_file(d, inputs)), "optim.lr=-1e-3"], None, lambda: not (d / "run").exists()
+
+
+def nan_lr(d, inputs, monkeypatch, straight):
+    return ["--config", str(config_file(d, inputs)), "optim.lr=.nan"], None, None
+
+
+def pipeline_yaml_list(d, inputs, monkeypatch, straight):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "list.yaml").write_text("- collect\n- train\n")
+    return ["pipeline", "--config", str(d / "list.yaml")], None, None
+
+
+def misspelt_pipeline_section(d, inputs, monkeypatch, straight):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "p.yaml").write_text((ROOT / "configs" / "smollm2_gsm8k.yaml").read_text().replace("collect:", "colect:"))
+    return ["pipeline", "--config", str(d / "p.yaml")], None, lambda: not (ROOT / "runs" / "colect").exists()
+
+
+def unfinished_collection(d, inputs, monkeypatch, straight):
+    """Training on a collection whose summary says it is unfinished: one warning line, and it trains."""
+    collection = d / "collection"
+    collection.mkdir(parents=True, exist_ok=True)
+    shutil.copy(inputs[1], collection / "trajectories.jsonl")
+    (collection / "summary.json").write_text('{"format": "cllm_jax.trajectories/1", "complete": false, '
+                                             '"counts": {"prompts": 8}}')
+    config = config_file(d, inputs)
+    return ["--config", str(config), f"data.trajectories=[{collection}]"], None, lambda: (
+        d / "run" / "export" / "config.json").is_file()
+
+
 def no_trajectories(d, inputs, monkeypatch, straight):
     return ["--config", str(config_file(d, inputs)), "data.trajectories=[]"], None, None
 
@@ -226,6 +258,12 @@ CASES = [  # (case, exit status, the one stderr line)
     (unknown_pipeline_key, 1, r"error: unknown key collect\.limitt .*did you mean collect\.limit\? "
                               r"\(valid: .*\blimit\b"),
     (no_trajectories, 1, r"error: data\.trajectories is empty: give the collection directories"),
+    (negative_lr, 1, r"error: optim\.lr must be above 0 and at most 1, got -0\.001$"),
+    (nan_lr, 1, r"error: optim\.lr must be above 0 and at most 1, got nan$"),
+    (pipeline_yaml_list, 1, r"error: .*list\.yaml must hold a mapping of sections \(run_dir, collect, train"),
+    (misspelt_pipeline_section, 1, r"error: unknown key colect in the config: did you mean collect\? \(valid: "),
+    (unfinished_collection, 0, r"warning: .*/collection is an unfinished collection \(8 prompts so far\): "
+                               r"training on what it holds; rerun its collection to complete it$"),
     (read_only_new_run_dir, 1, r"error: Permission denied: .*/ro/run: make it writable"),
     (read_only_unfinished_run, 1, r"error: Permission denied: .*/run/metrics\.jsonl\.tmp: make it writable"),
     (full_disk, 1, r"error: cannot write a checkpoint in .*/run/checkpoints \(No space left on device\): free "

@@ -76,3 +76,17 @@ def test_clean_exit(chat_dir, monkeypatch, capsys, stdin):
     assert decode.main(["chat", "--model", str(chat_dir), "--max-new-tokens", "8"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
+
+
+def test_a_bad_line_is_one_error_and_the_conversation_goes_on(chat_dir, monkeypatch, capsys):
+    long_line = "word " * 3000  # longer than the model's context of 2048
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff\n" + long_line.encode() + b"\nWhat is 2 + 2?\n"),
+                             encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
+    status = decode.main(["chat", "--model", str(chat_dir), "--method", "ar", "--max-new-tokens", str(MAX_NEW)])
+    out, err = capsys.readouterr()
+    assert status == 0 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("[error:")]
+    assert len(errors) == 2 and "not UTF-8" in errors[0] and "exceeds the context of 2048" in errors[1], err
+    loaded = load_model(chat_dir)
+    assert out == whole_answer(loaded, [{"role": "user", "content": "What is 2 + 2?"}], "ar") + "\n"

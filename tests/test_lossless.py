@@ -32,36 +32,48 @@ def with_random_adapter(model, rank=4, scale=0.3, seed=1, targets=adapter_lib.TA
     return model
 
 
+def make_pair(kind):
+    """(torch reference, our model of the same weights carrying a random adapter, (an EOS, transformers'
+    greedy outputs of PROMPTS with it))."""
+    reference = torch_model(kind, num_key_value_heads=2)
+    eos = torch_greedy(reference, PROMPTS[0], 40)[5]  # a token the greedy output really makes: a row ends early
+    expected = [torch_greedy(reference, p, 40, eos_token_id=eos) for p in PROMPTS]
+    return reference, with_random_adapter(port(reference)), (eos, expected)
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def pair(request):
-    """(torch reference, our model of the same weights carrying a random adapter)."""
-    reference = torch_model(request.param, num_key_value_heads=2)
-    return reference, with_random_adapter(port(reference))
+    return make_pair(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    return make_pair("llama")
+
+
+# (block size, batch size, blocks in flight, guesses): every n, both batch sizes, rolling and multiblock
+SHAPES = [(8, 1, 1, "lookup"), (16, 4, 2, "prefix-sample"), (32, 4, 1, "lookup")]
 
 
 @pytest.mark.parametrize("layout", ["rows", "gated"])
-@pytest.mark.parametrize("block_size", [8, 16, 32])
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_lossless_greedy_equals_transformers_generate(pair, layout, block_size, batch_size):
-    reference, model = pair
-    expected = [torch_greedy(reference, p, 40, eos_token_id=EOS) for p in PROMPTS]
-    for blocks, init in [(1, "lookup"), (2, "prefix-sample")]:
+def test_lossless_greedy_equals_transformers_generate(pair, layout):
+    _, model, (eos, expected) = pair
+    for block_size, batch_size, blocks, init in SHAPES:
         out = decode(model, PROMPTS, method="jacobi-lossless", layout=layout, block_size=block_size, blocks=blocks,
-                     init=init, max_new_tokens=40, eos_id=EOS, batch_size=batch_size)
-        assert [r.token_ids for r in out] == expected, (blocks, init)
+                     init=init, max_new_tokens=40, eos_id=eos, batch_size=batch_size)
+        assert [r.token_ids for r in out] == expected, (block_size, batch_size, blocks, init)
         assert all(1 <= r.forward_passes <= len(r.token_ids) for r in out)
+    assert any(len(t) < 40 for t in expected)  # some rows end at their EOS
 
 
-@pytest.mark.parametrize("layout", ["rows", "gated"])
-def test_lossless_seeded_sampling_equals_sampled_ar(pair, layout):
-    _, model = pair
+def test_lossless_seeded_sampling_equals_sampled_ar(llama_pair):
+    reference, model, _ = llama_pair
     sampling = Sampling(temperature=0.9, top_k=30, top_p=0.95, seed=7)
-    base = port(pair[0])
-    ar = decode(base, PROMPTS, method="ar", max_new_tokens=30, eos_id=EOS, sampling=sampling)
-    for batch_size in (1, 4):
+    ar = decode(port(reference), PROMPTS, method="ar", max_new_tokens=30, eos_id=EOS, sampling=sampling)
+    for layout, batch_size in (("rows", 1), ("gated", 4)):
         out = decode(model, PROMPTS, method="jacobi-lossless", layout=layout, block_size=8, max_new_tokens=30,
                      eos_id=EOS, sampling=sampling, batch_size=batch_size)
-        assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+        assert [r.token_ids for r in out] == [r.token_ids for r in ar], layout
 
 
 def _plain_predictions(model, tokens, gate):
@@ -77,7 +89,7 @@ def test_each_layout_verifies_with_the_base_and_drafts_with_the_adapter(pair, la
     """After a prefill, one pass over a window: the verifier's predictions are the base model's on
     text + window; the drafter's are the adapted model's (rows: adapter on every token; gated: the
     adapter on the window only, over the base model's view of the text)."""
-    _, model = pair
+    _, model, _ = pair
     prompt, window = np.array([[5, 9, 11, 30, 7, 3, 21]]), np.array([[44, 17, 90, 8, 61, 12]])
     width = window.shape[1]
     rows, slots = drafting.cache_shape(layout, 1, 64, width)
@@ -96,9 +108,9 @@ def test_each_layout_verifies_with_the_base_and_drafts_with_the_adapter(pair, la
     assert (np.asarray(verified) != np.asarray(drafted)).any()  # the random adapter really drafts otherwise
 
 
-def test_a_zero_adapter_drafts_as_the_base_model_itself(pair):
+def test_a_zero_adapter_drafts_as_the_base_model_itself(llama_pair):
     """With B = 0 the drafter is the base model: lossless decoding makes rolling Jacobi's passes."""
-    reference, _ = pair
+    reference = llama_pair[0]
     model = port(reference)
     adapter_lib.attach(model, adapter_lib.AdapterConfig(rank=2))
     base = port(reference)
@@ -109,19 +121,17 @@ def test_a_zero_adapter_drafts_as_the_base_model_itself(pair):
         assert [r.forward_passes for r in lossless] == [r.forward_passes for r in rolling]
 
 
-def test_lossless_refuses_a_model_without_adapter(pair):
-    reference, _ = pair
+def test_lossless_refuses_a_model_without_adapter(llama_pair):
     with pytest.raises(ValueError, match="adapter"):
-        Decoder(port(reference), "jacobi-lossless", block_size=8)
+        Decoder(port(llama_pair[0]), "jacobi-lossless", block_size=8)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block_size", [8, 16, 32])
-def test_smollm2_lossless_equals_ar(smollm2, gsm8k_chat_prompts, block_size):
+def test_smollm2_lossless_equals_ar(smollm2, gsm8k_chat_prompts):
     model = with_random_adapter(copy.copy(smollm2.model), rank=8, scale=0.05)  # the shared fixture stays plain
     common = dict(max_new_tokens=48, eos_id=smollm2.tokenizer.eos_token_id)
     ar = decode(smollm2.model, gsm8k_chat_prompts, method="ar", **common)
-    for layout, batch_size in (("rows", 1), ("gated", 3)):
+    for layout, block_size, batch_size in (("rows", 8, 1), ("gated", 16, 3), ("rows", 32, 3)):
         out = decode(model, gsm8k_chat_prompts, method="jacobi-lossless", layout=layout, block_size=block_size,
                      batch_size=batch_size, **common)
-        assert [r.token_ids for r in out] == [r.token_ids for r in ar], layout
+        assert [r.token_ids for r in out] == [r.token_ids for r in ar], (layout, block_size)
