@@ -56,6 +56,8 @@ def _cause(error: Exception) -> str:
     code = re.search(r"os_error_code='(\d+)'", str(error))  # tensorstore's form of an OS error
     if code:
         return os.strerror(int(code.group(1)))
+    if "reading array index" in str(error):  # orbax's wrapper around a tensorstore read of a bad file
+        return "a data file cannot be read: missing, truncated or corrupt"
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 

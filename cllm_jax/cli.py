@@ -50,20 +50,30 @@ def _drop_abandoned_checkpoint_writes(record: logging.LogRecord) -> bool:
 
 
 def _drop_closed_loop_callbacks() -> None:
-    """Wrap sys.unraisablehook (once) to ignore tensorstore's callbacks into a closed event loop.
+    """Wrap sys.unraisablehook (once) to ignore what a failed checkpoint save or restore leaves behind.
 
     After a failed save or restore, orbax closes its event loop while tensorstore still completes
     the other writes/reads; each late callback reports "Event loop is closed" as an unraisable
-    exception, one traceback each (dozens), racing with the exit. Nothing is lost by ignoring them.
-    The hook stays: the callbacks may come after the command has returned.
+    exception, and each read that failed with the damaged file reports its exception again from a
+    coroutine nobody awaits, one traceback each (dozens), racing with the exit. The failure itself
+    is already the one line reported. The hook stays: they may come after the command has returned.
     """
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_callbacks", False):
         return
 
+    def from_orbax(error) -> bool:
+        tb = error.__traceback__ if error is not None else None
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
     def hook(unraisable):
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed_loop or from_orbax(error)):
             previous(unraisable)
 
     hook.drops_closed_loop_callbacks = True

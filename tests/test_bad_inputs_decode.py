@@ -29,10 +29,14 @@ def tiny_dir(tmp_path_factory):  # no tokenizer, context 512: decoding from toke
     return path
 
 
+CHAT_DIR = []  # the chat model's directory, for setups that copy it
+
+
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):  # SmolLM2's tokenizer: collection needs one
     path = tmp_path_factory.mktemp("chat") / "model"
     save_tiny_chat_model(path)
+    CHAT_DIR[:] = [path]
     return path
 
 
@@ -96,6 +100,17 @@ def run_dir_without_export(tmp):
     return {"RUN": str(run)}
 
 
+def escaping_chat_template(tmp):
+    """A model whose chat template reaches for Python internals (jinja2's sandbox refuses it)."""
+    import shutil
+
+    model = tmp / "escaping"
+    shutil.copytree(CHAT_DIR[0], model)
+    for path in model.glob("chat_template.jinja"):
+        path.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    return {"ESCAPING": str(model)}
+
+
 def empty_file(tmp):
     (tmp / "empty.jsonl").write_text("")
     return {"EMPTY": str(tmp / "empty.jsonl")}
@@ -139,6 +154,8 @@ CASES = [
     ("run without export", ["--model", "RUN", "--prompt-ids", "1,2"], run_dir_without_export,
      "no exported model yet (RUN/export is missing): training has not finished; rerun the same train.py"),
     ("empty --prompts", ["--prompts", "EMPTY"], empty_file, "EMPTY is empty (no prompt lines)"),
+    ("chat template escaping the sandbox", ["--model", "ESCAPING", "--prompt", "hi"], escaping_chat_template,
+     "the model's chat template tries something unsafe"),
     ("collect batch=0", collect_with(batch_size="0"), None, "--batch-size must be at least 1"),
     ("collect block=0", collect_with(block_size="0"), None, "--block-size must be at least 1"),
     ("collect max-new=0", collect_with(max_new_tokens="0"), None, "--max-new-tokens must be at least 1"),

@@ -325,3 +325,18 @@ def test_a_real_write_failure_is_one_line(base, inputs):
         f"space or make it writable, then rerun the same command to start again"], proc.stderr[-3000:]
     # the asynchronous save of step 3 fails in the background and is reported at step 6's save
     assert [m["step"] for m in read_metrics(base / "fsize" / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_damaged_checkpoint_in_a_real_process_is_one_line(base, inputs):
+    """A truncated data file in the newest checkpoint: in a real process the failed reads' coroutines
+    and tensorstore's callbacks report again at exit; stderr must still be the one warning line."""
+    config = config_file(base / "truncated", inputs)
+    stopped_after(7, config)
+    data = largest_file(base / "truncated" / "run" / "checkpoints" / "6" / "state")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        f"warning: checkpoint step 6 is damaged (a data file cannot be read: missing, truncated or corrupt), set "
+        f"aside as {base / 'truncated' / 'run' / 'checkpoints' / '6.damaged'}; resumed from step 3"], proc.stderr[-3000:]

@@ -100,7 +100,7 @@ def test_sampling_filters_restrict_the_support():
 
 
 def independent_counts(trajectory):
-    """Fast-forwarded and stationary tokens from the recorded states alone (cllm-reference.md)."""
+    """Fast-forwarded and stationary tokens from the recorded states alone (their definitions in cllm_jax/decode/jacobi.py)."""
     fast = still = 0
     for states in trajectory:
         fixed = states[-1]

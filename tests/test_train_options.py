@@ -1,4 +1,4 @@
-"""The training options of issue 10 against hand-computed values and brute-force references.
+"""The training options (docs/training.md) against hand-computed values and brute-force references.
 
 Masks: the packed mask against one built token by token from the rule, and each noisy block's
 logits in the packed row against a separate forward over exactly the context it should see. Losses:
