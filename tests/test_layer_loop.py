@@ -75,9 +75,10 @@ def test_every_layer_loop_decodes_like_transformers(layout, checkpoint):
     model = load_model(path, layer_loop=loop, stacked=stacked).model
     prompts = random_prompts([5, 11, 17])
     expected = [torch_greedy(reference, p, 24) for p in prompts]
-    for method, extra in (("ar", {}), ("jacobi", {}), ("jacobi-rolling", {}),
-                          ("jacobi-multiblock", {"blocks": 2, "spawn_ratio": 0.5, "recycle": 2})):  # fmt: skip
-        results = Decoder(model, **dict(method=method, max_new_tokens=24, block_size=8, batch_size=2, **extra))
+    jacobi = {"block_size": 8}
+    for method, extra in (("ar", {}), ("jacobi", jacobi), ("jacobi-rolling", jacobi),
+                          ("jacobi-multiblock", jacobi | {"blocks": 2, "spawn_ratio": 0.5, "recycle": 2})):  # fmt: skip
+        results = Decoder(model, method, max_new_tokens=24, batch_size=2, **extra)
         assert [r.token_ids for r in results.generate(prompts)] == expected, (layout, method)
 
 

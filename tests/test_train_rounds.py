@@ -24,7 +24,7 @@ def recipe(tmp_path, second_round):
     values["train"]["optim"] |= {"max_steps": 2}
     values["train"]["checkpoint"] |= {"every": 1, "asynchronous": False}
     values["train"]["log"] |= {"progress": False}
-    values["evaluate"] |= {"limit": 1, "max_new_tokens": 8, "block_size": 4, "include_transformers": False}
+    values["evaluate"] |= {"limit": 1, "max_new_tokens": 8, "block_sizes": [4], "include_transformers": False}
     values["second_round"] = second_round
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -26,7 +26,7 @@ from cllm_jax.data.storage import read_summary
 from cllm_jax.data.writer import TrajectoryWriter
 from cllm_jax.decode.engine import Decoder, Generation
 from cllm_jax.decode.jacobi import FixedBlockOptions
-from cllm_jax.decode.options import INIT_STRATEGIES, Options, option
+from cllm_jax.decode.options import JacobiOptions, Options, option, option_like
 from cllm_jax.errors import ConfigError, DataError
 from cllm_jax.weights.load import LoadedModel
 
@@ -36,12 +36,12 @@ class CollectOptions(Options):
     """The reference's defaults: block 16, 256 new tokens, prefix-sample guesses, no augmentation,
     repetition cleaning on. The decoding values are checked as fixed-block Jacobi's options."""
 
-    block_size: int = option(16, "Jacobi block size n of the trajectories", at_least=1)
-    max_new_tokens: int = option(256, "tokens to generate per prompt", at_least=1)
+    block_size: int = option_like(JacobiOptions, "block_size")
+    max_new_tokens: int = option_like(JacobiOptions, "max_new_tokens", default=256)
     use_aug: bool = option(False, "add partly corrected states (the reference's use_aug)")
     clean: bool = option(True, "drop records whose output repeats one token 10 times")
-    init: str = option("prefix-sample", "initial guesses (the reference's prefix-sample: the training data's "
-                       "states depend on it)", choices=INIT_STRATEGIES)
+    init: str = option_like(JacobiOptions, "init", default="prefix-sample",
+                            help="initial guesses (the training data's states depend on it: the paper's prefix-sample)")
     chat: bool = option(True, "apply the model's chat template")
     seed: int = option(0, "the guesses' seed", at_least=0)
     batch_size: int = option(4, "prompts decoded side by side", at_least=1)

@@ -31,6 +31,16 @@ def option(default: Any, help: str, *, choices: tuple | None = None, at_least: f
     return dataclasses.field(default=default, metadata=meta)
 
 
+def option_like(cls: type, name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
+    """Another class's declared option, for a class that takes the same value with its own default (the
+    collection's block size is the decoder's block size): its range and help are declared only there."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = dict(field.metadata)
+    if help is not None:
+        meta["help"] = help
+    return dataclasses.field(default=field.default if default is dataclasses.MISSING else default, metadata=meta)
+
+
 def check_value(name: str, value: Any, meta: dict) -> None:
     if not meta:
         return

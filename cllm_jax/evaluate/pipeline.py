@@ -198,9 +198,8 @@ def _collect_and_train(model, dataset: str, limit, options: CollectOptions, stag
     summary = collect(model, load_prompts(dataset, limit=limit), stage_dir / "trajectories", options,
                       source=dataset, on_batch=on_batch)  # fmt: skip
     say(f"      {summary['records']} records, {summary['mean_states_per_block']:.1f} states per block")
-    export = Path(train.run_dir) / "export"
-    if (export / "config.json").is_file():
-        say(f"[2/4] {label}train: done ({export})")
+    if (Path(train.run_dir) / "export.json").is_file():  # written once the export (a model or an adapter) is complete
+        say(f"[2/4] {label}train: done ({Path(train.run_dir) / 'export'})")
     else:
         say(f"[2/4] {label}train -> {train.run_dir}")
         train_run(train)

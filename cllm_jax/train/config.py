@@ -188,7 +188,7 @@ class TrainConfig:
             raise ConfigError("optim.warmup_ratio and loss.label_smoothing must lie in [0, 1)")
         o = self.optim
         ranges = {  # key: (value, lowest, highest, lowest excluded)
-            "optim.lr": (o.lr, 0.0, 1.0, True), "optim.weight_decay": (o.weight_decay, 0.0, 1.0, False),
+            "optim.lr": (o.lr, 0.0, math.inf, False), "optim.weight_decay": (o.weight_decay, 0.0, 1.0, False),
             "optim.b1": (o.b1, 0.0, 0.999999, False), "optim.b2": (o.b2, 0.0, 0.999999, False),
             "optim.eps": (o.eps, 0.0, 1.0, True), "optim.clip_norm": (o.clip_norm, 0.0, math.inf, False),
             "optim.min_lr_ratio": (o.min_lr_ratio, 0.0, 1.0, False), "loss.ar_weight": (self.loss.ar_weight, 0.0,
