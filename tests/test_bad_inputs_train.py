@@ -258,8 +258,8 @@ CASES = [  # (case, exit status, the one stderr line)
     (unknown_pipeline_key, 1, r"error: unknown key collect\.limitt .*did you mean collect\.limit\? "
                               r"\(valid: .*\blimit\b"),
     (no_trajectories, 1, r"error: data\.trajectories is empty: give the collection directories"),
-    (negative_lr, 1, r"error: optim\.lr must be above 0 and at most 1, got -0\.001$"),
-    (nan_lr, 1, r"error: optim\.lr must be above 0 and at most 1, got nan$"),
+    (negative_lr, 1, r"error: optim\.lr must be at least 0, got -0\.001$"),
+    (nan_lr, 1, r"error: optim\.lr must be at least 0, got nan$"),
     (pipeline_yaml_list, 1, r"error: .*list\.yaml must hold a mapping of sections \(run_dir, collect, train"),
     (misspelt_pipeline_section, 1, r"error: unknown key colect in the config: did you mean collect\? \(valid: "),
     (unfinished_collection, 0, r"warning: .*/collection is an unfinished collection \(8 prompts so far\): "

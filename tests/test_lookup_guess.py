@@ -91,5 +91,5 @@ def test_smollm2_lookup_equals_ar(smollm2, gsm8k_chat_prompts, block_size):
     ar = Decoder(smollm2.model, **dict(method="ar", **common)).generate(prompts)
     for method, batch_size in (("jacobi-rolling", 1), ("jacobi-multiblock", 4)):
         settings = dict(method=method, init="lookup", block_size=block_size, batch_size=batch_size, **common)
-        out = Decoder(smollm2.model, settings).generate(prompts)
+        out = Decoder(smollm2.model, **settings).generate(prompts)
         assert [r.token_ids for r in out] == [r.token_ids for r in ar], method

@@ -127,5 +127,5 @@ def test_smollm2_multiblock_and_recycling_equal_ar(smollm2, gsm8k_chat_prompts, 
     for batch_size, recycle in ((4, 0), (1, 2)):  # batch 4: the two prompts and two padding copies
         settings = dict(method="jacobi-multiblock", block_size=block_size, blocks=2, recycle=recycle,
                                   batch_size=batch_size, **common)  # fmt: skip
-        out = Decoder(smollm2.model, settings).generate(prompts)
+        out = Decoder(smollm2.model, **settings).generate(prompts)
         assert [r.token_ids for r in out] == [r.token_ids for r in ar], (batch_size, recycle)
