@@ -210,10 +210,11 @@ def decode_main(argv: list[str], keep_tokens: bool = False) -> dict:
     methods = [args.method] + ([args.compare] if args.compare and args.compare != args.method else [])
     loaded = load_for_decoding(args)
     prompts = prompt_token_ids(args, loaded.tokenizer)
-    summaries = {}
+    summaries, names = {}, []  # names as run: an adapter model turns a rolling method into jacobi-lossless
     for method in methods:
         others = tuple(m for m in methods if m != method)
         name, model, options = decoding_setup(args, fields, loaded, method, others)
+        names.append(name)
         results = run_method(model, name, options, prompts, args.batch_size, args.seed, show_progress=len(prompts) > 1)
         print_results(results, loaded.tokenizer, name, args.json)
         summaries[method] = summarize(results) | ({"token_ids": [r.token_ids for r in results]} if keep_tokens else {})
@@ -221,7 +222,7 @@ def decode_main(argv: list[str], keep_tokens: bool = False) -> dict:
     if len(summaries) == 2:
         ours, baseline = (summaries[m] for m in summaries)
         speedup = ours["tokens_per_second"] / max(baseline["tokens_per_second"], 1e-9)
-        print(f"speedup of {methods[0]} over {methods[1]}: {speedup:.2f}x (TPF {ours['tokens_per_forward']:.2f} "
+        print(f"speedup of {names[0]} over {names[1]}: {speedup:.2f}x (TPF {ours['tokens_per_forward']:.2f} "
               f"vs {baseline['tokens_per_forward']:.2f})", file=sys.stderr)  # fmt: skip
     return summaries
 
