@@ -29,8 +29,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 from flax import nnx
+from tqdm import tqdm
 
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.decode.options import JacobiOptions
