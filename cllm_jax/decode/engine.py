@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -145,8 +145,14 @@ class Decoder:
             timing = (seconds, compile_seconds, start // size)
             yield [self._result(out, i, chunk[i], *timing) for i in range(len(chunk))]
 
-    def generate(self, prompts: list[list[int]], row_seeds: list[int] | None = None) -> list[Generation]:
-        return [g for batch in self.generate_batches(prompts, row_seeds) for g in batch]
+    def generate(self, prompts: list[list[int]], row_seeds: list[int] | None = None,
+                 on_batch: Callable[[list[Generation]], object] = lambda batch: None) -> list[Generation]:
+        """Every prompt's result; on_batch sees each batch as it finishes (a caller's progress bar)."""
+        results = []
+        for batch in self.generate_batches(prompts, row_seeds):
+            results += batch
+            on_batch(batch)
+        return results
 
     def _result(self, out: DecodeOutput, row: int, prompt: list[int], seconds, compile_seconds, batch_index):
         length = int(out.lengths[row])

@@ -133,17 +133,14 @@ def decode_run(name: str, weights: str, loaded: LoadedModel, prompts: list[list[
     timed = len(prompts) if settings.timing_limit is None else min(settings.timing_limit, len(prompts))
     decoder = Decoder(loaded.model, row.method, options=options)
     decoder.generate(prompts[:1])  # compile outside the timed run (one length bucket per prompt set)
-    results, rest = [], []
+    rest = []
     with tqdm(total=len(prompts) if row.full else timed, desc=name, unit="prompt", file=sys.stderr,
               mininterval=5, leave=False) as bar:  # fmt: skip
-        for batch in decoder.generate_batches(prompts[:timed]):
-            results += batch
-            bar.update(len(batch))
+        results = decoder.generate(prompts[:timed], on_batch=lambda batch: bar.update(len(batch)))
         if row.full and timed < len(prompts):
             batched = Decoder(loaded.model, row.method, options=options, batch_size=settings.batch_size)
-            for batch in batched.generate_batches(prompts[timed:], row_seeds=list(range(timed, len(prompts)))):
-                rest += batch
-                bar.update(len(batch))
+            rest = batched.generate(prompts[timed:], row_seeds=list(range(timed, len(prompts))),
+                                    on_batch=lambda batch: bar.update(len(batch)))  # fmt: skip
     every = results + rest
     return MethodRun(name=name, weights=weights, indices=list(range(len(every))), token_ids=[r.token_ids for r in every],
                      forward_passes=[r.forward_passes for r in every], timed=timed,
