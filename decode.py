@@ -54,7 +54,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> dict:
 
 def load_for_decoding(args):
     """The model of --model, with --draft-adapter attached or (--merge-adapter) folded in."""
-    from cllm_jax.model.adapter import merge
+    from cllm_jax.model.llama import merge_adapter as merge
     from cllm_jax.weights.load import load_model
     from cllm_jax.weights.peft import load_adapter
 

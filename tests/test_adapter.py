@@ -16,7 +16,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cllm_jax.model import adapter as adapter_lib
+from cllm_jax.model import adapter as adapter_lib, llama
 from cllm_jax.train.losses import ar_loss
 from cllm_jax.weights.peft import load_adapter, save_adapter
 from tests.tiny import port, torch_model
@@ -43,7 +43,7 @@ def test_adapter_equals_merged_weights_and_gate_zero_is_the_base(kind):
     reference = torch_model(kind, num_key_value_heads=2)
     base, model = port(reference), random_adapter(port(reference))
     np.testing.assert_array_equal(logits(model, jnp.zeros(TOKENS.shape)), logits(base))
-    merged = adapter_lib.merge(nnx.clone(model))
+    merged = llama.merge_adapter(nnx.clone(model))
     assert merged.adapter is None
     np.testing.assert_allclose(logits(model), logits(merged), atol=2e-5)
     assert np.abs(logits(model) - logits(base)).max() > 1e-2
@@ -61,7 +61,7 @@ def test_adapter_gradient_is_the_full_gradient_through_the_low_rank_product():
     graphdef, lora, frozen = nnx.split(model, adapter_lib.LoRAParam, ...)
     adapter_grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, frozen)))(lora)
 
-    merged = adapter_lib.merge(nnx.clone(model))
+    merged = llama.merge_adapter(nnx.clone(model))
     merged_def, merged_params = nnx.split(merged)
     full_grads = jax.grad(lambda p: loss(nnx.merge(merged_def, p)))(merged_params)
     for target, (a, b) in model.adapter.stacked().items():

@@ -135,3 +135,48 @@ def test_smollm2_lossless_equals_ar(smollm2, gsm8k_chat_prompts):
         out = decode(model, gsm8k_chat_prompts, method="jacobi-lossless", layout=layout, block_size=block_size,
                      batch_size=batch_size, **common)
         assert [r.token_ids for r in out] == [r.token_ids for r in ar], (layout, block_size)
+
+
+# A broken drafter may cost speed, never the text: one NaN element, every value infinite, or finite values
+# large enough to overflow once multiplied.
+BROKEN_ADAPTERS = {"nan": lambda b: b.at[(0,) * b.ndim].set(jnp.nan), "inf": lambda b: jnp.full_like(b, jnp.inf),
+                   "overflow": lambda b: jnp.full_like(b, 3e37)}
+
+
+def _broken(model, kind):
+    broken = copy.deepcopy(model)
+    for target in broken.adapter.config.targets:
+        b = getattr(broken.adapter, f"{target}_lora_b")
+        b[...] = BROKEN_ADAPTERS[kind](b[...])
+    return broken
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_ADAPTERS))
+def test_lossless_whatever_the_adapter_holds(llama_pair, kind):
+    _, model, (eos, expected) = llama_pair
+    broken = _broken(model, kind)
+    for layout, batch_size in (("rows", 1), ("gated", 4)):
+        out = decode(broken, PROMPTS, method="jacobi-lossless", layout=layout, block_size=8, max_new_tokens=40,
+                     eos_id=eos, batch_size=batch_size)
+        assert [r.token_ids for r in out] == expected, (kind, layout)
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_ADAPTERS))
+def test_merging_a_broken_adapter_is_refused_and_leaves_the_model(llama_pair, kind):
+    from cllm_jax.errors import InputError
+    from cllm_jax.model.llama import merge_adapter
+
+    _, model, _ = llama_pair
+    broken = _broken(model, kind)
+    before = jax.tree.map(np.asarray, nnx_state(broken))
+    with pytest.raises(InputError, match="not finite"):
+        merge_adapter(broken)
+    assert broken.adapter is not None
+    after = jax.tree.map(np.asarray, nnx_state(broken))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True), before, after))
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)

@@ -38,7 +38,7 @@ from cllm_jax.decode.prefill import bucket_length
 from cllm_jax.decode.registry import get_method
 from cllm_jax.errors import ConfigError
 from cllm_jax.evaluate.baselines import load_torch_model, torch_generate
-from cllm_jax.model.adapter import merge
+from cllm_jax.model.llama import merge_adapter as merge
 from cllm_jax.train.losses import ar_loss
 from cllm_jax.weights.load import LoadedModel
 

@@ -1,11 +1,21 @@
 """Low-rank adapters (LoRA) on the decoder's projections, switched on per token by a gate.
 
-An adapted projection computes x @ W + gate * (x @ A) @ B * alpha / rank, with W the frozen base
-weight, A [in, r] and B [r, out] the adapter. B starts at zero (and A as peft draws it), so a fresh
-adapter leaves the model's function unchanged. The gate is a per-token number (usually 0 or 1):
-with it one forward pass can run some tokens as the base model and others as the adapted model
-while reading the base weights once, which is what lossless drafting needs (the base verifies, the
-adapter drafts). Without a gate the adapter acts on every token.
+An adapted projection computes x @ W + (x @ A) @ B * alpha / rank where the token's gate is on and
+x @ W where it is off, with W the frozen base weight, A [in, r] and B [r, out] the adapter. B starts
+at zero (and A as peft draws it), so a fresh adapter leaves the model's function unchanged. The gate
+is per token: with it one forward pass can run some tokens as the base model and others as the
+adapted model while reading the base weights once, which is what lossless drafting needs (the base
+verifies, the adapter drafts). Without a gate the adapter acts on every token.
+
+The gate selects; it never multiplies. 0 * NaN is NaN, so a product would carry a broken adapter's
+numbers (NaN, inf, or values that overflow) into the base model's tokens; a select leaves them
+bit-identical to the base model's whatever the adapter holds (and the decoder layer keeps the
+drafter's keys and values finite for the same reason: a masked attention weight is 0, and 0 * NaN
+is NaN).
+
+A placeholder drafter (`AdapterConfig.placeholders` = k > 0) also learns k embeddings: token ids
+vocab_size .. vocab_size + k - 1 stand for them, so a drafting layout appends placeholders to the
+text as ordinary token ids, and the adapter runs only on them.
 
 Adapter weights are `LoRAParam`s, a subclass of nnx.Param, so `nnx.split(model, LoRAParam, ...)`
 separates them from the base: training differentiates, optimizes and checkpoints only them.
@@ -45,6 +55,7 @@ class AdapterConfig:
     alpha: float = 32.0
     targets: tuple[str, ...] = TARGETS
     dropout: float = 0.0  # on the adapter's input, in training only
+    placeholders: int = 0  # k learned placeholder embeddings (the placeholder drafter); 0: none
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -53,6 +64,8 @@ class AdapterConfig:
             raise ConfigError(f"adapter alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"adapter dropout must lie in [0, 1), got {self.dropout!r}")
+        if isinstance(self.placeholders, bool) or not isinstance(self.placeholders, int) or self.placeholders < 0:
+            raise ConfigError(f"adapter placeholders must be an integer >= 0, got {self.placeholders!r}")
         targets = tuple(dict.fromkeys(target_name(t) for t in self.targets))
         if not targets:
             raise ConfigError("adapter targets is empty: name at least one projection (e.g. [q, v])")
@@ -85,12 +98,27 @@ class Adapter(nnx.Module):
             a = jax.random.uniform(rngs.params(), (layers, fan_in, r), dtype, -bound, bound)
             setattr(self, f"{target}_lora_a", LoRAParam(a))
             setattr(self, f"{target}_lora_b", LoRAParam(jnp.zeros((layers, r, fan_out), dtype)))
+        # Placeholders start as the mean of the token embeddings would be a guess of the unknown token;
+        # a small random draw (the embedding's own init scale) keeps the k of them distinguishable.
+        self.placeholders = (LoRAParam(0.02 * jax.random.normal(rngs.params(), (config.placeholders,
+                                                                                  model_config.hidden_size), dtype))
+                             if config.placeholders else None)
 
     def stacked(self) -> dict[str, tuple[jax.Array, jax.Array]]:
         return {t: (getattr(self, f"{t}_lora_a")[...], getattr(self, f"{t}_lora_b")[...]) for t in self.config.targets}
 
     def num_params(self) -> int:
-        return sum(a.size + b.size for a, b in self.stacked().values())
+        extra = 0 if self.placeholders is None else self.placeholders.size
+        return extra + sum(a.size + b.size for a, b in self.stacked().values())
+
+    def embed(self, tokens: jax.Array, base_embedding: jax.Array, vocab_size: int) -> jax.Array:
+        """base_embedding [B, T, D] with placeholder ids (>= vocab_size) replaced by their embeddings."""
+        if self.placeholders is None:
+            return base_embedding
+        table = self.placeholders[...]
+        index = jnp.clip(tokens - vocab_size, 0, table.shape[0] - 1)
+        return jnp.where((tokens >= vocab_size)[..., None], table[index].astype(base_embedding.dtype),
+                         base_embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +127,7 @@ class LayerAdapter:
 
     weights: dict  # target -> (A [in, r], B [r, out]) of this layer
     scale: float
-    gate: jax.Array | None  # [B, T] or None (every token)
+    gate: jax.Array | None  # [B, T], nonzero where the adapter acts, or None (every token)
     dropout: float = 0.0
     key: jax.Array | None = None  # dropout key of this layer (training only)
 
@@ -111,37 +139,18 @@ class LayerAdapter:
             key = jax.random.fold_in(self.key, TARGETS.index(target))
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.dropout), 0).astype(h.dtype)
-        low = h @ a.astype(h.dtype)  # [B, T, r]: the gate applies here, where it is cheapest
-        if self.gate is not None:
-            low = low * self.gate[..., None].astype(low.dtype)
-        return (low @ b.astype(h.dtype)) * jnp.asarray(self.scale, h.dtype)
+        delta = ((h @ a.astype(h.dtype)) @ b.astype(h.dtype)) * jnp.asarray(self.scale, h.dtype)
+        if self.gate is None:
+            return delta
+        return jnp.where(self.on[..., None], delta, jnp.zeros((), delta.dtype))  # a select: module docstring
+
+    @property
+    def on(self) -> jax.Array | None:
+        """[B, T] bool: the tokens the adapter acts on (None: every token)."""
+        return None if self.gate is None else self.gate != 0
 
 
 def attach(model, config: AdapterConfig, seed: int = 0):
     """Give `model` (in place) a fresh adapter, which leaves its function unchanged; returns it."""
     model.adapter = nnx.data(Adapter(model.config, config, nnx.Rngs(seed)))
-    return model
-
-
-def merge(model):
-    """Fold the adapter into the base weights (W += A @ B * scale) and drop it, in place; returns it.
-
-    The merged model is the lossy CLLM: it computes what the adapter computes on every token.
-    """
-    from cllm_jax.model.llama import is_stacked
-
-    adapter = model.adapter
-    if adapter is None:
-        return model
-    scale = adapter.config.scale
-    for target, (a, b) in adapter.stacked().items():
-        delta = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-        if is_stacked(model):
-            param = getattr(model.layers, target)
-            param[...] = (param[...].astype(jnp.float32) + delta).astype(param[...].dtype)
-        else:
-            for i, layer in enumerate(model.layers):
-                param = getattr(layer, target)
-                param[...] = (param[...].astype(jnp.float32) + delta[i]).astype(param[...].dtype)
-    model.adapter = None
     return model

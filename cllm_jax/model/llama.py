@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cllm_jax.config import ModelConfig
-from cllm_jax.errors import ConfigError
+from cllm_jax.errors import ConfigError, InputError
 from cllm_jax.model import layers as L
 from cllm_jax.model.adapter import Adapter, LayerAdapter
 from cllm_jax.model.kv_cache import KVCache, causal_mask
@@ -193,6 +193,43 @@ def cast_matrices(model: "Llama", dtype) -> "Llama":
     return model
 
 
+def merge_adapter(model: "Llama") -> "Llama":
+    """Fold the adapter into the base weights (W += A @ B * scale) and drop it, in place; returns it.
+
+    The merged model is the lossy CLLM: it computes what the adapter computes on every token. A merge
+    whose model no longer computes finite logits (an adapter holding NaN, inf, or values that
+    overflow once added) is refused and the model left as it was: a merged model has no base weights
+    to fall back on, and would decode garbage without a word. A placeholder drafter has nothing to
+    merge: it acts only on its placeholder tokens, which plain decoding never feeds.
+    """
+    adapter = model.adapter
+    if adapter is None:
+        return model
+    if adapter.placeholders is not None:
+        raise InputError("a placeholder drafter cannot be merged into the weights: it acts only on its "
+                         "placeholder tokens; decode with --method lossless-placeholder instead")
+    scale = adapter.config.scale
+    params = ([(getattr(model.layers, t), None) for t in adapter.config.targets] if is_stacked(model) else
+              [(getattr(layer, t), i) for t in adapter.config.targets for i, layer in enumerate(model.layers)])
+    originals = [param[...] for param, _ in params]
+    deltas = {t: jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+              for t, (a, b) in adapter.stacked().items()}
+    targets = [t for t in adapter.config.targets for _ in ([None] if is_stacked(model) else model.layers)]
+    for (param, layer), target in zip(params, targets):
+        delta = deltas[target] if layer is None else deltas[target][layer]
+        param[...] = (param[...].astype(jnp.float32) + delta).astype(param[...].dtype)
+    model.adapter = None
+    probe = jnp.arange(8, dtype=jnp.int32)[None] % model.config.vocab_size
+    hidden, _ = model(probe, jnp.arange(8, dtype=jnp.int32)[None])
+    if not bool(jnp.all(jnp.isfinite(model.logits(hidden)))):
+        for (param, _), value in zip(params, originals):
+            param[...] = value
+        model.adapter = adapter
+        raise InputError("merging the adapter gives a model whose logits are not finite (the adapter holds NaN, "
+                         "inf or values too large): decode losslessly instead of --merge-adapter")
+    return model
+
+
 def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
                   mask: jax.Array | None, positions: jax.Array, kv=None, adapter: LayerAdapter | None = None,
                   slots: jax.Array | None = None):
@@ -223,6 +260,12 @@ def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Arra
     q = L.apply_rope(project(h, "q", config.num_heads), cos, sin)
     k = L.apply_rope(project(h, "k", config.num_kv_heads), cos, sin)
     v = project(h, "v", config.num_kv_heads)
+    if adapter is not None and adapter.on is not None:
+        # A base token gives a drafter key a weight of exactly 0, but 0 * NaN is NaN: the adapted tokens'
+        # keys and values are kept finite, so no adapter can reach the base tokens through attention.
+        drafted = adapter.on[:, :, None, None]
+        k = jnp.where(drafted, jnp.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0), k)
+        v = jnp.where(drafted, jnp.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0), v)
     if kv is not None:
         keys, values, index = kv
         rows = jnp.arange(batch)[:, None]
@@ -294,11 +337,16 @@ class Llama(nnx.Module):
         `adapter_rng` turns on its dropout (training).
         """
         config = self.config
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(config.compute_dtype)
+        adapter = self.adapter
+        # Ids past the vocabulary are clipped (a drafted id is only ever a guess) or, with a placeholder
+        # drafter, its placeholders.
+        x = jnp.take(self.embed[...], jnp.clip(tokens, 0, config.vocab_size - 1), axis=0)
+        if adapter is not None:
+            x = adapter.embed(tokens, x, config.vocab_size)
+        x = x.astype(config.compute_dtype)
         cos, sin = L.rope_tables(config, positions)
         if cache is not None and mask is None:
             mask = causal_mask(positions, cache.length)
-        adapter = self.adapter
         lora = adapter.stacked() if adapter is not None else None
 
         def layer(x, params, kv, lora_layer, index):

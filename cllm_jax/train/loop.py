@@ -37,7 +37,8 @@ from cllm_jax.checkpoint import CHECKPOINT_DIR, EXPORT_DIR, Checkpointer
 from cllm_jax.data.storage import read_summary
 from cllm_jax.data.trajectories import TrajectoryRecord, read_trajectories
 from cllm_jax.errors import CllmError, CllmWarning, ConfigError, DataError, describe_differences
-from cllm_jax.model.adapter import LoRAParam, attach as attach_adapter, merge as merge_adapter
+from cllm_jax.model.adapter import LoRAParam, attach as attach_adapter
+from cllm_jax.model.llama import merge_adapter
 from cllm_jax.model.llama import resolve_layer_loop, stack_layers
 from cllm_jax.parallel import distributed, mesh as mesh_lib
 from cllm_jax.train import health
