@@ -39,6 +39,7 @@ class Generation:
     compile_seconds: float
     batch_index: int = 0
     trajectory: list[list[list[int]]] | None = None  # per block, every state (recording only)
+    acceptance: list[list[int]] | None = None  # drafting methods: passes by accepted length (state.DecodeOutput)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -172,6 +173,7 @@ class Decoder:
             compile_seconds=compile_seconds,
             batch_index=batch_index,
             trajectory=trajectory,
+            acceptance=None if out.acceptance is None else np.asarray(out.acceptance[row]).tolist(),
         )
 
 

@@ -18,6 +18,7 @@ from cllm_jax.decode.autoregressive import AROptions, generate_autoregressive
 from cllm_jax.decode.jacobi import FixedBlockOptions, generate_jacobi
 from cllm_jax.decode.lossless import LosslessOptions
 from cllm_jax.decode.options import DecodeOptions
+from cllm_jax.decode.placeholder import PlaceholderOptions, generate_placeholder
 from cllm_jax.decode.window import MultiblockOptions, RollingOptions, generate_window
 from cllm_jax.errors import ConfigError
 
@@ -47,6 +48,8 @@ METHODS = {m.name: m for m in (
     Method("jacobi-multiblock", generate_window, MultiblockOptions, "K blocks in flight (Jacobi Forcing's)"),
     Method("jacobi-lossless", generate_window, LosslessOptions, "an adapter drafts, the base model verifies",
            needs_adapter=True),
+    Method("lossless-placeholder", generate_placeholder, PlaceholderOptions,
+           "a placeholder drafter drafts, the base model verifies, one row per prompt", needs_adapter=True),
 )}  # fmt: skip
 
 

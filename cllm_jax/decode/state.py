@@ -29,6 +29,8 @@ class DecodeOutput:
     cache: KVCache
     trajectory: jax.Array | None = None  # fixed-block recording only: [B, blocks, states, n]
     trajectory_states: jax.Array | None = None  # [B, blocks] states recorded per block
+    acceptance: jax.Array | None = None  # drafting methods: [B, 1 + C, k + 2] passes by accepted length,
+    #   row 0 what was committed, row 1 + c what candidate c alone would have had accepted
 
 
 @jax.tree_util.register_dataclass
