@@ -45,10 +45,16 @@ class CollectOptions(Options):
     chat: bool = option(True, "apply the model's chat template")
     seed: int = option(0, "the guesses' seed", at_least=0)
     batch_size: int = option(4, "prompts decoded side by side", at_least=1)
+    method: str = option("jacobi", "jacobi: trajectories (the consistency objective's data); ar: the greedy text "
+                         "alone, by batched AR (all the placeholder drafter needs, in fewer passes)",
+                         choices=("jacobi", "ar"))
 
-    def decode_options(self, eos_id: int | None = None, pad_id: int | None = None) -> FixedBlockOptions:
-        return FixedBlockOptions(max_new_tokens=self.max_new_tokens, block_size=self.block_size, init=self.init,
-                                 eos_id=eos_id, pad_id=pad_id or 0, record=True)
+    def decoder(self, model, eos_id: int | None = None, pad_id: int | None = None) -> Decoder:
+        if self.method == "ar":
+            return Decoder(model, "ar", batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, eos_id=eos_id)
+        options = FixedBlockOptions(max_new_tokens=self.max_new_tokens, block_size=self.block_size, init=self.init,
+                                    eos_id=eos_id, pad_id=pad_id or 0, record=True)
+        return Decoder(model, "jacobi", options=options, batch_size=self.batch_size, seed=self.seed)
 
 
 def model_fingerprint(loaded: LoadedModel) -> dict:
@@ -68,10 +74,14 @@ def prompt_ids(loaded: LoadedModel, example: PromptExample, chat: bool) -> list[
 def records_for(
     data_id, ids: list[int], generation: Generation, labels: list[int] | None, options: CollectOptions, rng, eos
 ) -> tuple[list[TrajectoryRecord], int]:
-    """One record per converged block (reference schema); returns (kept records, records dropped)."""
+    """One record per converged block (reference schema); returns (kept records, records dropped).
+
+    A generation without a trajectory (collected by AR) is one record whose single state is the
+    whole generation: the fixed point with no iterations before it."""
     complete = ids + generation.token_ids
     prefix, records = list(ids), []
-    for block_index, states in enumerate(generation.trajectory):
+    trajectory = generation.trajectory if generation.trajectory is not None else [[generation.token_ids]]
+    for block_index, states in enumerate(trajectory):
         fixed_point = states[-1]
         if options.use_aug:
             states = augment_trajectory(states, rng)
@@ -121,8 +131,7 @@ def collect(
     }
     with TrajectoryWriter(out_dir, fingerprint, shard=shard) as writer:
         todo = [(pos, ex) for pos, ex in shard_examples(examples, index, count) if ex.data_id not in writer.done_ids]
-        decoder = Decoder(loaded.model, "jacobi", options=options.decode_options(eos, loaded.tokenizer.pad_token_id),
-                          batch_size=options.batch_size, seed=options.seed)
+        decoder = options.decoder(loaded.model, eos, loaded.tokenizer.pad_token_id)
         ids = [prompt_ids(loaded, ex, options.chat) for _, ex in todo]
         done = 0
         for results in decoder.generate_batches(ids, row_seeds=[pos for pos, _ in todo]):

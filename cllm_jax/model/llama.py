@@ -78,6 +78,7 @@ PARAM_AXES.update({
     f"{name}_lora_{part}": (axes[0], axes[1], None) if part == "a" else (axes[0], None, axes[2])
     for name, axes in list(PARAM_AXES.items()) if name.endswith("_proj") for part in "ab"
 })
+PARAM_AXES["placeholders"] = (None, "embed")  # a placeholder drafter's k embeddings, split like the token embedding
 
 
 def param_count(config: ModelConfig) -> int:

@@ -118,6 +118,18 @@ class AdapterSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DrafterSection:
+    """The placeholder drafter's objective instead of the consistency objective (placeholders > 0; needs
+    an adapter): at random anchors of the base model's own text, k placeholders predict the k tokens
+    after the next one (cllm_jax/train/drafter.py). It reads only the generated text of the records."""
+
+    placeholders: int = 0  # k: placeholder embeddings learned (and drafts per pass); 0: the consistency objective
+    anchors: int = 32  # anchor positions drawn per sequence (each with its k placeholders), fewer if shorter
+    decay: float = 0.8  # the loss weight of draft position j (0-based) is decay^j: acceptance is decided early
+    target: str = "tokens"  # tokens: cross-entropy on the base's text | base: KL to the base's distributions
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshSection:
     data: int = -1  # one axis may be -1: all devices the other two leave
     fsdp: int = 1
@@ -155,6 +167,7 @@ class TrainConfig:
     loss: LossSection = LossSection()
     optim: OptimSection = OptimSection()
     adapter: AdapterSection = AdapterSection()
+    drafter: DrafterSection = DrafterSection()
     mesh: MeshSection = MeshSection()
     distributed: DistributedSection = DistributedSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -211,6 +224,18 @@ class TrainConfig:
             raise ConfigError(f"optim.max_steps must be >= 1 (or null: the epochs decide), got {o.max_steps}")
         if self.adapter.rank:
             self._check_adapter()
+        self._check_drafter()
+
+    def _check_drafter(self):
+        d = self.drafter
+        if d.placeholders < 0 or d.anchors < 1 or not 0 < d.decay <= 1 or d.target not in ("tokens", "base"):
+            raise ConfigError(f"drafter needs placeholders >= 0, anchors >= 1, decay in (0, 1] and target tokens|base, "
+                              f"got {d}")
+        if d.placeholders and not self.adapter.rank:
+            raise ConfigError("drafter.placeholders trains a placeholder drafter, which is an adapter: set adapter.rank "
+                              "(e.g. adapter.rank=16)")
+        if d.placeholders and self.adapter.gated:
+            raise ConfigError("drafter.placeholders gates the adapter on its placeholders already: drop adapter.gated")
 
     def _check_adapter(self):
         from cllm_jax.model.adapter import AdapterConfig
@@ -230,7 +255,8 @@ class TrainConfig:
         from cllm_jax.model.adapter import AdapterConfig
 
         a = self.adapter
-        return AdapterConfig(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout) if a.rank else None
+        return (AdapterConfig(rank=a.rank, alpha=a.alpha, targets=a.targets, dropout=a.dropout,
+                              placeholders=self.drafter.placeholders) if a.rank else None)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -45,6 +45,7 @@ from cllm_jax.train import health
 from cllm_jax.train import step as step_lib
 from cllm_jax.train.batching import BatchSpec, DataSource
 from cllm_jax.train.config import TrainConfig
+from cllm_jax.train.drafter import DrafterData, DrafterSpec
 from cllm_jax.train.metrics_log import MetricsLog, read_metrics
 
 # Sections (and single keys) that may change when a run resumes; anything else must match the stored
@@ -138,7 +139,7 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
         _write_config(run_dir, config)
     eos = config.data.eos_id if config.data.eos_id is not None else model.config.eos_token_id
     spec = BatchSpec.from_config(config, None if eos == -1 else eos)
-    data = DataSource(records, spec)
+    data = drafter_data(config, records) if config.drafter.placeholders else DataSource(records, spec)
 
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     accum, batch_size = config.optim.grad_accum, config.optim.batch_size
@@ -255,7 +256,16 @@ def _step_options(config: TrainConfig, spec: BatchSpec) -> step_lib.StepOptions:
                                 ar_target=config.loss.ar_target,
                                 shared_target=spec.shared_target, remat=config.model.remat,
                                 gated=bool(config.adapter.rank and config.adapter.gated),
-                                dropout=bool(config.adapter.rank and config.adapter.dropout > 0))
+                                dropout=bool(config.adapter.rank and config.adapter.dropout > 0),
+                                objective="placeholder" if config.drafter.placeholders else "consistency",
+                                drafter_target=config.drafter.target)
+
+
+def drafter_data(config: TrainConfig, records: list[TrajectoryRecord]) -> DrafterData:
+    d, data = config.drafter, config.data
+    return DrafterData(records, DrafterSpec(placeholders=d.placeholders, anchors=d.anchors, decay=d.decay,
+                                            target=d.target, max_seq_len=data.max_seq_len,
+                                            pad_multiple=data.pad_multiple, seed=data.seed, shuffle=data.shuffle))
 
 
 def _stopped(what: str, failed_step: int, checkpointer: Checkpointer, abstract) -> TrainingDiverged:

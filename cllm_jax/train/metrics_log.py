@@ -83,12 +83,12 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
-            for key in ("loss", "loss_consistency", "loss_ar", "grad_norm", "lr", "tokens_per_s", "step_time_s"):
+            for key in [k for k in metrics if k.startswith("loss")] + ["grad_norm", "lr", "tokens_per_s", "step_time_s"]:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", cons=f"{metrics['loss_consistency']:.4f}",
-                                 ar=f"{metrics['loss_ar']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                 refresh=False)
+            # every loss term the objective reports, by its short name (loss_consistency -> consistency)
+            terms = {k.removeprefix("loss_"): f"{v:.4f}" for k, v in metrics.items() if k.startswith("loss")}
+            self.bar.set_postfix(**terms, tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             self.bar.update(1)
         return record
 

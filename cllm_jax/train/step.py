@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from cllm_jax.parallel import mesh as mesh_lib
-from cllm_jax.train import losses
+from cllm_jax.train import drafter, losses
 from cllm_jax.train.packing import packed_attention_mask
 
 
@@ -52,6 +52,13 @@ class StepOptions:
     remat: bool | str = True  # none | dots | full, True/False = full/none (cllm_jax.model.layers.rematerialize)
     gated: bool = False  # an adapter on the noisy blocks only (packed layout): see micro_loss
     dropout: bool = False  # the adapter has dropout: draw a key per micro-batch
+    objective: str = "consistency"  # consistency (micro_loss) | placeholder (the placeholder drafter's, drafter.py)
+    drafter_target: str = "tokens"  # the placeholder objective's target: tokens | base
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The names of the loss terms a step reports beside the total."""
+        return drafter.TERMS if self.objective == "placeholder" else ("loss_consistency", "loss_ar")
 
 
 def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, schedule: str = "cosine",
@@ -158,36 +165,45 @@ def train_step(graphdef, state: TrainState, batch: dict, frozen=None, base_param
 
     frozen: the base weights when only an adapter trains (state.params is the adapter), else None.
     base_params: the base model's parameters when options.ar_target == "base", else None."""
-    # cons_mask sums to a whole number: 1 per token (tokens norm) or 1 per block (blocks norm, each
-    # block's weights 1/count); rounding makes it exact whatever the summation order (sharding)
-    denoms = (jnp.round(jnp.sum(batch["cons_mask"])), jnp.sum(batch["ar_weights"]))
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if options.objective == "placeholder":
+        denoms = drafter.denominators(batch)
+
+        def loss(params, micro, rng):
+            return drafter.micro_loss(params, graphdef, micro, denoms, options.drafter_target, options.remat, frozen,
+                                      rng)
+        counts = {"draft_weight": denoms[0]}
+    else:
+        # cons_mask sums to a whole number: 1 per token (tokens norm) or 1 per block (blocks norm, each
+        # block's weights 1/count); rounding makes it exact whatever the summation order (sharding)
+        denoms = (jnp.round(jnp.sum(batch["cons_mask"])), jnp.sum(batch["ar_weights"]))
+
+        def loss(params, micro, rng):
+            return micro_loss(params, graphdef, micro, denoms, options, mesh, base_params, frozen, rng)
+        counts = {"consistency_tokens": denoms[0], "ar_tokens": denoms[1]}
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     step_key = jax.random.wrap_key_data(state.rng)
 
     def accumulate(grads, xs):
         micro, index = xs
         rng = jax.random.fold_in(step_key, index) if options.dropout else None
-        (_, terms), g = grad_fn(state.params, graphdef, micro, denoms, options, mesh, base_params, frozen, rng)
+        (total, terms), g = grad_fn(state.params, micro, rng)
         grads = jax.tree.map(jnp.add, grads, g)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        return grads, terms
+        return grads, (total, terms)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     accum = jax.tree.leaves(batch)[0].shape[0]
-    grads, (cons, ar) = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum)))
-    cons, ar = jnp.sum(cons), jnp.sum(ar)
+    grads, (totals, terms) = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum)))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     metrics = {
-        "loss": cons + options.ar_weight * ar,
-        "loss_consistency": cons,
-        "loss_ar": ar,
+        "loss": jnp.sum(totals),
+        **{name: jnp.sum(term) for name, term in zip(options.terms, terms)},
         "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
-        "consistency_tokens": denoms[0],
-        "ar_tokens": denoms[1],
+        **counts,
     }
     return TrainState(params, opt_state, state.step + 1, rng), metrics
 

@@ -5,7 +5,9 @@ Names and shapes are those `peft` writes for a LLaMA or Qwen2 model: per layer i
 [out, r]. So `peft.PeftModel.from_pretrained(transformers_model, DIR)` loads ours, and we load
 theirs (LoRA without DoRA, bias or rank patterns, which is what we write). Beside them,
 `cllm_jax_adapter.json` records what PEFT's config has no field for: whether the adapter was trained
-gated (cllm_jax/decode/drafting.py), and the training step.
+gated (cllm_jax/decode/drafting.py), the training step, and for a placeholder drafter the number of
+its placeholders, whose embeddings [k, hidden] are `placeholder_embeddings.safetensors` (PEFT loads
+the LoRA part alone; our loader the whole drafter).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from cllm_jax.errors import CheckpointError
@@ -24,6 +27,7 @@ from cllm_jax.model import adapter as adapter_lib
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "cllm_jax_adapter.json"
+PLACEHOLDERS_FILE = "placeholder_embeddings.safetensors"
 _MODULE = {t: ("self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for t in adapter_lib.TARGETS}
 
 
@@ -35,18 +39,21 @@ def _key(layer: int, target: str, part: str) -> str:
     return f"base_model.model.model.layers.{layer}.{_MODULE[target]}.{target}.lora_{part}.weight"
 
 
-def save_adapter(model, path: str | os.PathLike, base_model: str, extra: dict | None = None) -> Path:
-    """Write `model.adapter` in the PEFT layout; `base_model` names the base it adapts."""
+def save_adapter(model, path: str | os.PathLike, base_model: str, extra: dict | None = None,
+                 dtype: str = "float32") -> Path:
+    """Write `model.adapter` in the PEFT layout; `base_model` names the base it adapts. `dtype`
+    float32 or bfloat16 (half the bytes, for drafters shipped in the repository)."""
     adapter = model.adapter
     if adapter is None:
         raise CheckpointError("the model has no adapter to save")
     cfg = adapter.config
     tensors = {}
+    store = _storage_dtype(dtype)
     for target, (a, b) in adapter.stacked().items():
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         for i in range(a.shape[0]):
-            tensors[_key(i, target, "A")] = np.ascontiguousarray(a[i].T)  # [r, in]
-            tensors[_key(i, target, "B")] = np.ascontiguousarray(b[i].T)  # [out, r]
+            tensors[_key(i, target, "A")] = np.ascontiguousarray(a[i].T).astype(store)  # [r, in]
+            tensors[_key(i, target, "B")] = np.ascontiguousarray(b[i].T).astype(store)  # [out, r]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets),
@@ -57,20 +64,51 @@ def save_adapter(model, path: str | os.PathLike, base_model: str, extra: dict | 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    (path / EXTRA_FILE).write_text(json.dumps(extra or {}, indent=2) + "\n")
+    extra = dict(extra or {})
+    if adapter.placeholders is not None:
+        embeddings = np.asarray(adapter.placeholders[...], np.float32).astype(store)
+        save_file({"placeholders": embeddings}, str(path / PLACEHOLDERS_FILE), metadata={"format": "pt"})
+        extra["placeholders"] = int(embeddings.shape[0])
+    (path / EXTRA_FILE).write_text(json.dumps(extra, indent=2) + "\n")
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")  # last: a dir with it is complete
     return path
 
 
+def _storage_dtype(dtype: str):
+    import ml_dtypes  # numpy's bfloat16 (a JAX dependency); safetensors stores it as BF16
+
+    if dtype not in ("float32", "bfloat16"):
+        raise CheckpointError(f"adapters are saved as float32 or bfloat16, not {dtype!r}")
+    return np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+
+
+# PEFT keys that change what the tensors compute; loading past one would run a different adapter
+# than the one trained, so each is refused by name unless it holds PEFT's default
+_UNSUPPORTED = {"use_rslora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+                "alpha_pattern": {}, "use_dora": False, "bias": "none", "modules_to_save": None}
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
     path = Path(path)
+    file = path / CONFIG_FILE
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path / CONFIG_FILE} ({e}): is {path} a PEFT adapter directory?") from None
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none":
-        raise CheckpointError(f"{path} holds a {config.get('peft_type')} adapter with DoRA or biases: only plain "
-                              f"LoRA adapters are supported")
+        raise CheckpointError(f"cannot read {file} ({e}): is {path} a PEFT adapter directory?") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} holds a {type(config).__name__}, not an adapter config (a JSON object)")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path} holds a {config.get('peft_type')} adapter: only LoRA adapters are supported")
+    for key, default in _UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None):
+            raise CheckpointError(f"{file} sets {key}={config[key]!r}, which this loader does not support: only plain "
+                                  f"LoRA adapters on every layer are")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if key not in config:
+            raise CheckpointError(f"{file} has no {key!r}: the adapter config is incomplete")
+        if isinstance(config[key], bool) or not isinstance(config[key], kind) or config[key] <= 0:
+            raise CheckpointError(f"{file}: {key} must be a positive number{' (whole)' if kind is int else ''}, "
+                                  f"got {config[key]!r}")
     return config
 
 
@@ -88,11 +126,13 @@ def load_adapter(model, path: str | os.PathLike):
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         raise CheckpointError(f"{path}: target_modules is a pattern ({targets!r}); name the projections instead")
+    placeholders = int(read_extra(path).get("placeholders", 0))
     adapter_config = adapter_lib.AdapterConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                                               targets=tuple(targets), dropout=float(config.get("lora_dropout", 0)))
+                                               targets=tuple(targets), dropout=float(config.get("lora_dropout", 0)),
+                                               placeholders=placeholders)
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"cannot read {path / WEIGHTS_FILE} ({e}): the adapter is incomplete or damaged") from None
     tensors = {k if k.startswith("base_model.model.") else f"base_model.model.{k}": v for k, v in tensors.items()}
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
@@ -109,8 +149,27 @@ def load_adapter(model, path: str | os.PathLike):
             if bad:
                 raise CheckpointError(f"{path}: {bad[0]} has shape {tensors[bad[0]].shape}, this model needs {shape}")
             stacked = np.stack([tensors[n].T for n in names]).astype(np.float32)
+            if not np.isfinite(stacked).all():  # no training leaves one: it is damage, named where it is found
+                bad = next(n for n in names if not np.isfinite(tensors[n].astype(np.float32)).all())
+                raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor {bad} holds NaN or infinite values: the adapter "
+                                      f"is damaged (retrain it, or export an earlier checkpoint)")
             getattr(model.adapter, f"{target}_lora_{part.lower()}")[...] = jnp.asarray(stacked)
+    if placeholders:
+        embeddings = _read_placeholders(path, (placeholders, model.config.hidden_size))
+        model.adapter.placeholders[...] = jnp.asarray(embeddings)
     return model
+
+
+def _read_placeholders(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        embeddings = load_file(str(path / PLACEHOLDERS_FILE))["placeholders"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read the placeholder embeddings {path / PLACEHOLDERS_FILE} ({e}): the "
+                              f"drafter is incomplete or damaged") from None
+    if embeddings.shape != shape:
+        raise CheckpointError(f"{path / PLACEHOLDERS_FILE} holds embeddings of shape {embeddings.shape}, this model "
+                              f"needs {shape}")
+    return embeddings.astype(np.float32)
 
 
 def base_model_spec(model_path: str | None) -> str:

@@ -1,0 +1,170 @@
+"""The placeholder drafter's objective: teacher forcing on the base model's own text at random anchors.
+
+A drafter (cllm_jax/decode/placeholder.py) sees the text up to an anchor token t and k placeholders
+at positions t + 1 .. t + k; placeholder j predicts the token at t + 2 + j (the base model itself
+predicts t + 1 in the same pass). Training lays many anchors of one sequence into one row:
+
+    tokens     the text (the prompt and the base model's greedy continuation), then A groups of k
+               placeholder ids (vocab_size + j)
+    positions  0 .. T - 1 for the text, t + 1 + j for placeholder j of the group anchored at t
+    mask       the text is causal and never sees a placeholder; a placeholder sees the text up to its
+               anchor and the placeholders of its own group up to itself
+    gate       on for the placeholders only, so the text is the base model's own forward pass
+
+so one forward pass trains A * k draft predictions, and the text's hidden states in the same pass
+are the base model's (the distillation target, `target: base`). The loss weighs draft position j by
+decay^j: a pass accepts draft j only if drafts 0 .. j - 1 were right, so early positions decide.
+
+The data are the records' complete generations (one per prompt): the fixed points of Jacobi
+collection, or of a collection with `method: ar` (batched autoregressive decoding, the cheaper one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cllm_jax.data.records import TrajectoryRecord
+from cllm_jax.errors import DataError
+from cllm_jax.train import losses
+from cllm_jax.train.spec import record_rng, round_up, stack_rows
+
+ROW_KEYS = {
+    "text": ("T", np.int32),
+    "anchor": ("P", np.int32),  # the anchor's position, per placeholder
+    "group": ("P", np.int32),  # 1 + the anchor's ordinal in the row; 0: padding
+    "draft_index": ("P", np.int32),  # j
+    "labels": ("P", np.int32),  # the token at anchor + 2 + j
+    "weights": ("P", np.float32),  # decay^j, 0 past the text's end and on padding
+}
+TERMS = ("loss_draft", "loss_first_draft")  # the weighted loss, and the first draft position's alone
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterSpec:
+    placeholders: int  # k
+    anchors: int
+    decay: float
+    target: str  # tokens | base
+    max_seq_len: int
+    pad_multiple: int
+    seed: int
+    shuffle: bool
+
+
+def sequences(records: Sequence[TrajectoryRecord]) -> list[tuple[tuple[int, ...], int]]:
+    """(prompt + generation, prompt length) once per prompt, in first-seen order."""
+    seen, out = set(), []
+    for record in records:
+        if record.data_id in seen:
+            continue
+        seen.add(record.data_id)
+        out.append((record.complete_teacher_output_ids, record.prompt_ids_len))
+    return out
+
+
+def drafter_row(ids: Sequence[int], prompt_length: int, rng: np.random.Generator, spec: DrafterSpec) -> dict | None:
+    """One row: the text and A anchors' placeholders; None when the generation is too short to train."""
+    k = spec.placeholders
+    ids = np.asarray(ids[: spec.max_seq_len], np.int32)
+    # Anchors from the prompt's last token (the drafts after the prefill) to the last that has a label.
+    low, high = prompt_length - 1, len(ids) - 3
+    if high < low:
+        return None
+    count = min(spec.anchors, high - low + 1)
+    anchors = np.sort(rng.choice(np.arange(low, high + 1), size=count, replace=False)).astype(np.int32)
+    anchor = np.repeat(anchors, k)
+    draft_index = np.tile(np.arange(k, dtype=np.int32), count)
+    label_at = anchor + 2 + draft_index
+    inside = label_at < len(ids)
+    return {
+        "text": ids,
+        "anchor": anchor,
+        "group": np.repeat(np.arange(1, count + 1, dtype=np.int32), k),
+        "draft_index": draft_index,
+        "labels": np.where(inside, ids[np.minimum(label_at, len(ids) - 1)], 0).astype(np.int32),
+        "weights": np.where(inside, spec.decay ** draft_index, 0.0).astype(np.float32),
+    }
+
+
+class DrafterData:
+    """The drafter's examples (one per prompt) and the batch of any data position, as DataSource gives."""
+
+    def __init__(self, records: Sequence[TrajectoryRecord], spec: DrafterSpec):
+        self.spec = spec
+        self.examples = sequences(records)
+        if not self.examples:
+            raise DataError("no trajectory records to train on: check data.trajectories")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.spec.shuffle:
+            return np.arange(len(self))
+        return np.random.default_rng([self.spec.seed, epoch, 7]).permutation(len(self))
+
+    def batch(self, epoch: int, cursor: int, shape: tuple[int, int], rows: slice | None = None):
+        from cllm_jax.train.batching import HostBatch
+
+        accum, size = shape
+        order = self.order(epoch)
+        slots = [int(order[c]) if c < len(order) else -1 for c in range(cursor, cursor + accum * size)]
+        built = [drafter_row(*self.examples[s], record_rng(self.spec.seed, epoch, s), self.spec) if s >= 0 else None
+                 for s in slots]
+        longest_text = max((len(r["text"]) for r in built if r is not None), default=1)
+        dims = {"T": round_up(longest_text, self.spec.pad_multiple, self.spec.max_seq_len),
+                "P": self.spec.anchors * self.spec.placeholders}  # one shape for every batch
+        rows = rows or slice(0, size)
+        local = [built[a * size + b] for a in range(accum) for b in range(size)[rows]]
+        arrays = stack_rows(local, ROW_KEYS, dims, (accum, len(range(size)[rows])))
+        global_shapes = {k: (accum, size) + v.shape[2:] for k, v in arrays.items()}
+        tokens = sum(len(r["text"]) + len(r["anchor"]) for r in built if r is not None)
+        return HostBatch(arrays, global_shapes, tokens=tokens, examples=sum(r is not None for r in built))
+
+
+def denominators(batch: dict) -> jax.Array:
+    """The weights of the whole global batch (each micro-batch's loss is divided by them)."""
+    return jnp.sum(batch["weights"]), jnp.sum(jnp.where(batch["draft_index"] == 0, batch["weights"], 0.0))
+
+
+def layout(micro: dict, vocab_size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(tokens [B, T + P], positions, mask [B, T + P, T + P], gate [B, T + P]) of a micro-batch's rows."""
+    text, anchor, group, j = micro["text"], micro["anchor"], micro["group"], micro["draft_index"]
+    batch, time = text.shape
+    places = anchor.shape[1]
+    tokens = jnp.concatenate([text, vocab_size + j], axis=1)
+    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(time), (batch, time)), anchor + 1 + j], axis=1)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((time, time), bool)), (batch, time, time))
+    text_rows = jnp.concatenate([causal, jnp.zeros((batch, time, places), bool)], axis=2)
+    sees_text = jnp.arange(time)[None, None, :] <= anchor[:, :, None]
+    own_group = (group[:, :, None] == group[:, None, :]) & (j[:, None, :] <= j[:, :, None]) & (group[:, :, None] > 0)
+    placeholder_rows = jnp.concatenate([sees_text, own_group], axis=2)
+    mask = jnp.concatenate([text_rows, placeholder_rows], axis=1)
+    gate = jnp.concatenate([jnp.zeros((batch, time)), jnp.ones((batch, places))], axis=1)
+    return tokens, positions, mask, gate
+
+
+def micro_loss(params, graphdef, micro: dict, denoms: tuple, target: str, remat, frozen, rng=None):
+    """(loss, (weighted draft loss, first-position loss)) of one micro-batch; divided by global weights."""
+    model = nnx.merge(graphdef, params, frozen)
+    tokens, positions, mask, gate = layout(micro, model.config.vocab_size)
+    hidden, _ = model(tokens, positions, mask=mask, remat=remat, adapter_gate=gate, adapter_rng=rng)
+    time = micro["text"].shape[1]
+    draft_logits = model.logits(hidden[:, time:])
+    weights = micro["weights"]
+    first = jnp.where(micro["draft_index"] == 0, weights, 0.0)
+    if target == "base":  # the base model's own distribution of the same token: the text's hidden states
+        at = jnp.minimum(micro["anchor"] + 1 + micro["draft_index"], time - 1)
+        teacher = jax.lax.stop_gradient(model.logits(jnp.take_along_axis(hidden, at[..., None], axis=1)))
+        draft = losses.consistency_loss(draft_logits, teacher, weights, "forward_kl", denom=denoms[0])
+        first_loss = losses.consistency_loss(draft_logits, teacher, first, "forward_kl", denom=denoms[1])
+    else:
+        draft = losses.ar_loss(draft_logits, micro["labels"], weights, denom=denoms[0])
+        first_loss = losses.ar_loss(draft_logits, micro["labels"], first, denom=denoms[1])
+    return draft, (draft, jax.lax.stop_gradient(first_loss))
