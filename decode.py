@@ -42,6 +42,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder layers as one scan or a per-layer loop (auto: by backend and model size)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded side by side")
     parser.add_argument("--seed", type=int, default=0, help="seed of the guesses and of the sampling noise")
+    add_mesh_argument(parser)
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", metavar="data=D,tensor=T", help="decode over a device mesh: weights, heads and "
+                        "KV cache split over tensor, prompts over data (default: one device)")
+
+
+def use_mesh(args):
+    """The --mesh for every decoder of this command; a context in which the model loads into host memory,
+    so that a model larger than one device reaches the mesh in shards."""
+    import contextlib
+
+    from cllm_jax.parallel import decode_mesh
+
+    mesh = decode_mesh.mesh_from_text(getattr(args, "mesh", None))
+    decode_mesh.activate(mesh)
+    if mesh is None:
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> dict:
@@ -59,7 +81,8 @@ def load_for_decoding(args):
     from cllm_jax.weights.peft import load_adapter
 
     # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
-    loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
+    with use_mesh(args):
+        loaded = load_model(args.model, dtype=args.dtype, layer_loop=args.layer_loop, weights_dtype=args.dtype)
     if args.draft_adapter:
         if loaded.model.adapter is not None:
             raise InputError(f"{args.model} carries an adapter already: pass its base model with --draft-adapter")
@@ -237,6 +260,7 @@ def collect_main(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, help="number of prompts")
     parser.add_argument("--out", required=True, help="output directory (resumed if it holds this run)")
     parser.add_argument("--shard", help="i/N: collect every N-th prompt starting at i (merge the shards after)")
+    add_mesh_argument(parser)
     from cllm_jax.data.collect import CollectOptions, collect
 
     fields = add_option_flags(parser, [CollectOptions])
@@ -261,7 +285,8 @@ def collect_main(argv: list[str]) -> None:
     source = args.dataset or args.prompts
     extra = {"answer_field": args.answer_field} if args.prompts and args.answer_field else {}
     examples = load_prompts(source, limit=args.limit, **extra)
-    loaded = load_model(args.model)
+    with use_mesh(args):
+        loaded = load_model(args.model)
     if loaded.tokenizer is None:
         raise InputError("collection needs a model with a tokenizer")
     on_batch = collect_progress()

@@ -8,6 +8,7 @@ reuses the donated KV cache between calls, and turns device arrays into per-prom
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Callable, Iterator
@@ -23,6 +24,7 @@ from cllm_jax.decode.state import DecodeOutput
 from cllm_jax.errors import ConfigError, InputError
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.interface import CausalLM
+from cllm_jax.parallel import decode_mesh, distributed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,10 +73,11 @@ class Decoder:
 
     Decoder(model, "jacobi-rolling", block_size=8, max_new_tokens=256, batch_size=4): the keyword
     values are the method's options (cllm_jax/decode/registry.py), or pass `options=` built already.
+    With a `mesh` (default: the one decode_mesh.activate set, if any) the model moves onto it, in place.
     """
 
     def __init__(self, model: CausalLM, method: str = "ar", *, batch_size: int = 1, seed: int = 0,
-                 options: DecodeOptions | None = None, **values):
+                 options: DecodeOptions | None = None, mesh=None, **values):
         self.model = model
         self.method = get_method(method)
         if options is not None and values:
@@ -91,12 +94,22 @@ class Decoder:
         self.batch_size, self.seed = batch_size, seed
         self._compiled: dict[tuple, object] = {}
         self._caches: dict[tuple, KVCache] = {}
+        self.mesh = decode_mesh.active() if mesh is None else mesh
         self._cache_shape(batch_size, bucket_length(1))  # the smallest cache this decoder can need must fit
+        if self.mesh is not None:  # after the check: a model that does not fit is refused before it moves
+            notes = decode_mesh.place_model(model, self.mesh)
+            rows = self.options.cache_shape(batch_size, 1)[0]
+            notes += decode_mesh.cache_specs(model.config, rows, 1, self.mesh)[1]
+            if batch_size % self.mesh.shape["data"]:
+                notes.append(f"prompts ({batch_size} per batch over data={self.mesh.shape['data']})")
+            decode_mesh.say_replicated(notes, self.mesh)
 
     def _cache_shape(self, batch: int, bucket: int) -> tuple[int, int]:
         o, config = self.options, self.model.config
         shape = o.cache_shape(batch, cache_length_for(bucket, o.max_new_tokens, o.lookahead))
-        if shape not in self._caches:
+        if shape not in self._caches and self.mesh is not None:
+            decode_mesh.check_fits(self.model, *shape, self.mesh)
+        elif shape not in self._caches:
             itemsize = jnp.dtype(config.compute_dtype).itemsize
             nbytes = 2 * config.num_layers * shape[0] * shape[1] * config.num_kv_heads * config.head_dim * itemsize
             check_memory(nbytes, f"the KV cache for {shape[0]} rows of {shape[1]} positions",
@@ -105,21 +118,37 @@ class Decoder:
 
     def _cache(self, batch: int, bucket: int) -> tuple[tuple[int, int], KVCache]:
         shape = self._cache_shape(batch, bucket)
-        return shape, self._caches.pop(shape, None) or KVCache.zeros(self.model.config, *shape)
+        cached = self._caches.pop(shape, None)
+        if cached is None and self.mesh is not None:
+            cached = decode_mesh.zeros_cache(self.model.config, *shape, self.mesh)
+        return shape, cached or KVCache.zeros(self.model.config, *shape)
 
     def _run(self, batch, key) -> tuple[DecodeOutput, float, float]:
         shape, cache = self._cache(len(batch.lengths), batch.tokens.shape[1])
         args = [self.model, batch.tokens, batch.lengths, batch.row_seeds, cache, key]
+        mesh = self.mesh
+        if mesh is not None:  # rows over data, the key replicated: the method's jit partitions the rest
+            args[1:4] = [decode_mesh.put_rows(a, mesh) for a in args[1:4]]
+            args[5] = decode_mesh.put_replicated(key, mesh)
         signature = (batch.tokens.shape, shape)
         compile_seconds = 0.0
         if signature not in self._compiled:
             start = time.perf_counter()
-            self._compiled[signature] = self.method.generate.lower(*args, options=self.options).compile()
+            if mesh is None:
+                self._compiled[signature] = self.method.generate.lower(*args, options=self.options).compile()
+            else:
+                # explicit output shardings: the returned cache keeps the layout the next call's executable expects
+                fn = functools.partial(self.method.generate, options=self.options)
+                out = decode_mesh.output_shardings(jax.eval_shape(fn, *args),
+                                                   decode_mesh.cache_sharding(self.model.config, *shape, mesh), mesh)
+                self._compiled[signature] = jax.jit(fn, out_shardings=out, donate_argnums=4).lower(*args).compile()
             compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         out = jax.block_until_ready(self._compiled[signature](*args))
         seconds = time.perf_counter() - start
         self._caches[shape] = out.cache  # the input cache was donated; keep the returned one for reuse
+        if mesh is not None:  # every process reads every row (collective across processes)
+            out = distributed.to_host(dataclasses.replace(out, cache=None))
         return out, seconds, compile_seconds
 
     def generate_batches(self, prompts: list[list[int]], row_seeds: list[int] | None = None) -> Iterator[list[Generation]]:
