@@ -19,14 +19,12 @@ from tqdm import tqdm
 
 from cllm_jax.cli import add_option_flags, collect_progress, flag_error, given_flags
 from cllm_jax.decode.options import Sampling
-from cllm_jax.decode.registry import METHODS, get_method
+from cllm_jax.decode.registry import METHODS, get_method, resolve_method
 from cllm_jax.errors import InputError
 
 # Flags no user sets: the EOS and the pad token come from the tokenizer, recording from `collect`.
 _NOT_FLAGS = ("eos_id", "pad_id", "record", "sampling", "seed")
 _SAMPLING_FLAGS = ("temperature", "top_k", "top_p")
-# A method with an adapter that drafts: rolling and multiblock Jacobi run lossless (the base verifies).
-_LOSSLESS_FOR = {"jacobi-rolling": "jacobi-lossless", "jacobi-multiblock": "jacobi-lossless"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +75,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> dict:
 def load_for_decoding(args):
     """The model of --model, with --draft-adapter attached or (--merge-adapter) folded in."""
     from cllm_jax.model.llama import merge_adapter as merge
-    from cllm_jax.weights.load import load_model
+    from cllm_jax.weights.load import load_model, resolve_adapter
     from cllm_jax.weights.peft import load_adapter
 
     # weights stored in the compute dtype: decoding reads every weight once per pass, so bf16 halves it
@@ -86,7 +84,7 @@ def load_for_decoding(args):
     if args.draft_adapter:
         if loaded.model.adapter is not None:
             raise InputError(f"{args.model} carries an adapter already: pass its base model with --draft-adapter")
-        load_adapter(loaded.model, args.draft_adapter)
+        load_adapter(loaded.model, resolve_adapter(args.draft_adapter))
     if args.merge_adapter:
         if loaded.model.adapter is None:
             raise InputError("--merge-adapter needs an adapter: --draft-adapter DIR or an adapter run as --model")
@@ -144,16 +142,13 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
             raise InputError(f"--{name.replace('_', '-')} does not apply to --method {' / '.join(m.name for m in runs)}")
     if given.get("temperature", 0.0) == 0.0 and any(k in given for k in ("top_k", "top_p")):
         raise InputError("--top-k / --top-p filter sampling, but decoding is greedy: give --temperature above 0")
-    if model.adapter is not None and not args.merge_adapter:
-        if method in _LOSSLESS_FOR:
-            method = _LOSSLESS_FOR[method]
-        elif method == "jacobi":
-            raise InputError("an adapter drafts in the rolling or multiblock window: use --method jacobi-rolling "
-                             "(or --merge-adapter for the lossy CLLM)")
-        elif not get_method(method).needs_adapter:  # ar: the base model, the text lossless decoding gives
-            model = copy.copy(model)
-            model.adapter = None
-    spec = get_method(method)
+    # load_for_decoding has merged the adapter already when --merge-adapter is given
+    resolved = resolve_method(method, model.adapter is not None or args.merge_adapter, args.merge_adapter)
+    spec = resolved.method
+    method = spec.name
+    if resolved.adapter == "set_aside":
+        model = copy.copy(model)
+        model.adapter = None
     values = {k: v for k, v in given.items() if k in _field_names(spec) and k not in _SAMPLING_FLAGS}
     try:
         sampling = Sampling(**{k: given[k] for k in _SAMPLING_FLAGS if k in given}, seed=args.seed)
@@ -166,6 +161,10 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
         raise
     except Exception as error:  # an option out of its declared range: one line, in terms of the flag
         raise flag_error(error) from None
+    vocab = loaded.config.vocab_size
+    if not options.sampling.greedy and options.sampling.top_k > vocab:
+        raise InputError(f"--top-k {options.sampling.top_k} is more tokens than the model's vocabulary of {vocab}: "
+                         f"give at most {vocab} (or 0: all)")
     context = loaded.config.max_position_embeddings
     if options.lookahead >= context:
         raise InputError(f"--block-size {options.lookahead} does not fit the model's context of {context} tokens: "
@@ -173,7 +172,19 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
     if options.max_new_tokens + options.lookahead >= context:
         raise InputError(f"--max-new-tokens {options.max_new_tokens} plus a window of {options.lookahead} leave no "
                          f"room for a prompt in the model's context of {context} tokens: lower one of them")
+    _check_working_memory(options, loaded.config, args.batch_size, given)
     return method, model, options
+
+
+def _check_working_memory(options, config, batch_size: int, given: dict) -> None:
+    """Refuse settings whose smallest pass (the shortest prompt) needs more memory than the machine has."""
+    from cllm_jax.decode.engine import check_memory
+    from cllm_jax.decode.prefill import bucket_length, cache_length_for
+
+    slots = cache_length_for(bucket_length(1), options.max_new_tokens, options.lookahead)
+    shaping = [f"--{name.replace('_', '-')}" for name in ("recycle", "blocks", "block_size") if name in given]
+    check_memory(options.working_bytes(config, batch_size, slots), "one decoding pass",
+                 "lower the batch size or the number of new tokens" + (f" (or {', '.join(shaping)})" if shaping else ""))
 
 
 def _field_names(method) -> set[str]:
@@ -369,6 +380,9 @@ def demo_main(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
+    for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise InputError(f"demo {flag} must be at least 1, got {value}")
 
     from cllm_jax.evaluate.demo import closing_statement, newest_cllm
     from cllm_jax.weights.peft import is_adapter_dir

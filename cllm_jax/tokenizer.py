@@ -63,6 +63,9 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer: PreTrainedTokenizerFast):
         self.hf = hf_tokenizer
+        # transformers warns of a text longer than the tokenizer's nominal maximum; the decoder checks the
+        # model's real context itself and refuses in one line, which the warning would only precede
+        self.hf.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:

@@ -23,10 +23,76 @@ QUESTIONS = [f"What is {a} times {b}?" for a, b in [(2, 3), (4, 5), (6, 7)]]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):  # no tokenizer, context 512: decoding from token ids
+def tiny_dir(tmp_path_factory):  # no tokenizer, context 512, vocabulary 128: decoding from token ids
     path = tmp_path_factory.mktemp("tiny") / "model"
     torch_model("llama", num_key_value_heads=2).save_pretrained(path)
+    ADAPTER[:] = [_save_adapter(path, tmp_path_factory.mktemp("adapter") / "adapter")]
     return path
+
+
+ADAPTER = []  # a PEFT adapter for the tiny model, for setups that damage a copy of it
+
+
+def _save_adapter(model_dir: Path, path: Path) -> Path:
+    from cllm_jax.model.adapter import AdapterConfig, attach
+    from cllm_jax.weights.load import load_model
+    from cllm_jax.weights.peft import save_adapter
+
+    model = load_model(model_dir).model
+    attach(model, AdapterConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")))
+    return save_adapter(model, path, base_model=str(model_dir))
+
+
+def adapter_copy(tmp, change_config=None, change_tensors=None, cut=False):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp / "adapter"
+    shutil.copytree(ADAPTER[0], path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if change_config is not None:
+        config_file.write_text(json.dumps(change_config(json.loads(config_file.read_text()))))
+    if change_tensors is not None:
+        tensors = load_file(weights_file)
+        change_tensors(tensors)
+        save_file(tensors, weights_file, metadata={"format": "pt"})
+    if cut:
+        weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    return {"ADAPTER": str(path)}
+
+
+def without(key):
+    return lambda tmp: adapter_copy(tmp, change_config=lambda c: {k: v for k, v in c.items() if k != key})
+
+
+def config_with(**values):
+    return lambda tmp: adapter_copy(tmp, change_config=lambda c: c | values)
+
+
+V_B = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+def tensor_holding(value):
+    def change(tensors):
+        tensors[V_B] = tensors[V_B].copy()
+        tensors[V_B][3, 1] = value
+    return lambda tmp: adapter_copy(tmp, change_tensors=change)
+
+
+def full_training_run(tmp):
+    (tmp / "full").mkdir()
+    (tmp / "full" / "export").symlink_to(TINY[0], target_is_directory=True)
+    (tmp / "full" / "config.yaml").write_text("run_dir: full\n")
+    return {"FULLRUN": str(tmp / "full")}
+
+
+TINY = []
+
+
+def a_directory(tmp):
+    (tmp / "prompts").mkdir()
+    return {"PDIR": str(tmp / "prompts")}
 
 
 CHAT_DIR = []  # the chat model's directory, for setups that copy it
@@ -156,6 +222,38 @@ CASES = [
     ("empty --prompts", ["--prompts", "EMPTY"], empty_file, "EMPTY is empty (no prompt lines)"),
     ("chat template escaping the sandbox", ["--model", "ESCAPING", "--prompt", "hi"], escaping_chat_template,
      "the model's chat template tries something unsafe"),
+    ("top-k beyond the vocabulary", ["--temperature", "1", "--top-k", "1000", "--prompt-ids", "1,2"], None,
+     "--top-k 1000 is more tokens than the model's vocabulary of 128: give at most 128"),
+    ("seed beyond 64 bits", ["--seed", str(2**64), "--prompt-ids", "1,2"], None,
+     f"--seed must be at most {2**63 - 1}, got {2**64}"),
+    ("recycling beyond memory", ["--method", "jacobi-rolling", "--recycle", "100000000", "--prompt-ids", "1,2"], None,
+     "lower the batch size or the number of new tokens (or --recycle)"),
+    ("adapter safetensors cut short", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"],
+     lambda tmp: adapter_copy(tmp, cut=True), "cannot read ADAPTER/adapter_model.safetensors"),
+    ("adapter config a list", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"],
+     lambda tmp: adapter_copy(tmp, change_config=lambda c: [c]),
+     "ADAPTER/adapter_config.json holds a list, not an adapter config"),
+    ("adapter config without r", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"], without("r"),
+     "ADAPTER/adapter_config.json has no 'r'"),
+    ("adapter config without lora_alpha", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"], without("lora_alpha"),
+     "ADAPTER/adapter_config.json has no 'lora_alpha'"),
+    ("adapter rank a string", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"], config_with(r="4"),
+     "ADAPTER/adapter_config.json: r must be a positive number (whole), got '4'"),
+    ("adapter use_rslora", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"], config_with(use_rslora=True),
+     "sets use_rslora=True, which this loader does not support"),
+    ("adapter layers_to_transform", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"],
+     config_with(layers_to_transform=[0]), "sets layers_to_transform=[0], which this loader does not support"),
+    ("adapter tensor NaN", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"], tensor_holding(float("nan")),
+     f"ADAPTER/adapter_model.safetensors: tensor {V_B} holds NaN or infinite values"),
+    ("adapter tensor inf", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"], tensor_holding(float("-inf")),
+     f"ADAPTER/adapter_model.safetensors: tensor {V_B} holds NaN or infinite values"),
+    ("draft adapter a full training run", ["--draft-adapter", "FULLRUN", "--prompt-ids", "1,2"], full_training_run,
+     "FULLRUN trained the whole model, not an adapter"),
+    ("merge the drafter of jacobi-lossless", ["--draft-adapter", "ADAPTER", "--merge-adapter", "--method",
+                                              "jacobi-lossless", "--prompt-ids", "1,2"], adapter_copy,
+     "method jacobi-lossless drafts with the adapter, which merging would fold into the weights"),
+    ("--prompts a directory", ["--prompts", "PDIR"], a_directory, "PDIR is a directory: give a JSONL file"),
+    ("demo --limit 0", ["demo", "--limit", "0"], None, "demo --limit must be at least 1, got 0"),
     ("collect batch=0", collect_with(batch_size="0"), None, "--batch-size must be at least 1"),
     ("collect block=0", collect_with(block_size="0"), None, "--block-size must be at least 1"),
     ("collect max-new=0", collect_with(max_new_tokens="0"), None, "--max-new-tokens must be at least 1"),
@@ -172,13 +270,14 @@ CASES = [
 def test_bad_input_is_one_line(case, argv, setup, message, tiny_dir, chat_dir, prompts, tmp_path, monkeypatch,
                                capsys):  # fmt: skip
     names = {"CHAT": str(chat_dir), "PROMPTS": str(prompts), "OUT": str(tmp_path / "out"), "RO": str(tmp_path / "ro")}
+    TINY[:] = [tiny_dir]
     if callable(setup):
         names |= setup(tmp_path)
     elif setup == "read-only":
         read_only(monkeypatch, tmp_path / "ro")
     elif setup == "disk-full":
         disk_full_after(monkeypatch, prompts_written=1)
-    if argv[0] != "collect" and "--model" not in argv:
+    if argv[0] not in ("collect", "demo") and "--model" not in argv:
         argv = ["--model", str(tiny_dir), *argv]
     substitute = lambda text: next((text.replace(k, v) for k, v in names.items() if k in text), text)  # noqa: E731
     status = decode.main([substitute(a) for a in argv])
@@ -220,3 +319,37 @@ def test_finished_collection_on_a_read_only_directory_writes_nothing(chat_dir, p
     assert [f for f, mode in opened if "ro" in Path(f).parts and any(c in mode for c in "wax+")] == []
     assert any(f.endswith(TRAJECTORIES_FILE) for f, _ in opened)  # it was read (for the summary), not appended to
     assert {p.name: p.read_bytes() for p in (tmp_path / "ro").iterdir()} == before
+
+
+def test_an_over_long_chat_line_is_its_one_error_line(chat_dir, monkeypatch, capsys):
+    """Longer than the tokenizer's nominal maximum (8192), not only the model's context: no warning first."""
+    import io
+    import logging
+
+    logged = []  # transformers logs to a stream of its own, which the capture may not see: take its records
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = logged.append
+    logging.getLogger("transformers").addHandler(handler)
+    monkeypatch.setattr("sys.stdin", io.StringIO("word " * 9000 + "\n"))
+    try:
+        assert decode.main(["chat", "--model", str(chat_dir), "--method", "ar", "--max-new-tokens", "4"]) == 0
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert [r.getMessage() for r in logged] == []
+    assert len(lines) == 2 and lines[0].startswith("chatting with"), lines
+    assert lines[1].startswith("[error: prompt 0 has 90") and "exceeds the context of 2048" in lines[1], lines
+
+
+def test_draft_adapter_takes_the_run_that_trained_it(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "export").symlink_to(ADAPTER[0], target_is_directory=True)
+    outputs = []
+    for adapter in (ADAPTER[0], run):
+        argv = ["--model", str(tiny_dir), "--draft-adapter", str(adapter), "--method", "jacobi-rolling",
+                "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--json"]
+        assert decode.main(argv) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0]["method"] == outputs[1]["method"] == "jacobi-lossless"
+    assert outputs[0]["token_ids"] == outputs[1]["token_ids"]

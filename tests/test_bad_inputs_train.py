@@ -122,6 +122,14 @@ def nan_lr(d, inputs, monkeypatch, straight):
     return ["--config", str(config_file(d, inputs)), "optim.lr=.nan"], None, None
 
 
+def gated_without_adapter(d, inputs, monkeypatch, straight):
+    return ["--config", str(config_file(d, inputs)), "adapter.gated=true"], None, lambda: not (d / "run").exists()
+
+
+def targets_without_adapter(d, inputs, monkeypatch, straight):
+    return ["--config", str(config_file(d, inputs)), "adapter.targets=[q,v]"], None, None
+
+
 def pipeline_yaml_list(d, inputs, monkeypatch, straight):
     d.mkdir(parents=True, exist_ok=True)
     (d / "list.yaml").write_text("- collect\n- train\n")
@@ -260,6 +268,9 @@ CASES = [  # (case, exit status, the one stderr line)
     (no_trajectories, 1, r"error: data\.trajectories is empty: give the collection directories"),
     (negative_lr, 1, r"error: optim\.lr must be at least 0, got -0\.001$"),
     (nan_lr, 1, r"error: optim\.lr must be at least 0, got nan$"),
+    (gated_without_adapter, 1, r"error: adapter\.gated is set but adapter\.rank is 0 \(full fine-tuning, no "
+                               r"adapter\): set adapter\.rank \(e\.g\. 16\) or drop adapter\.gated$"),
+    (targets_without_adapter, 1, r"error: adapter\.targets is set but adapter\.rank is 0"),
     (pipeline_yaml_list, 1, r"error: .*list\.yaml must hold a mapping of sections \(run_dir, collect, train"),
     (misspelt_pipeline_section, 1, r"error: unknown key colect in the config: did you mean collect\? \(valid: "),
     (unfinished_collection, 0, r"warning: .*/collection is an unfinished collection \(8 prompts so far\): "

@@ -276,6 +276,9 @@ def load_prompts(name_or_path: str | Path, limit: int | None = None, **kwargs) -
         examples = sources[name]()
     elif Path(name).is_file() or name.endswith((".jsonl", ".json")):
         examples = jsonl_file(name, **kwargs)
+    elif Path(name).is_dir():
+        raise DataError(f"{name} is a directory: give a JSONL file with one {{\"prompt\": ...}} per line, or a "
+                        f"dataset name ({', '.join(DATASET_NAMES)})")
     else:
         raise DataError(f"unknown dataset {name!r}: valid names are {', '.join(DATASET_NAMES)}, "
                         f"or give the path of a JSONL file with one {{\"prompt\": ...}} per line")

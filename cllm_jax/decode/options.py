@@ -53,11 +53,16 @@ def check_value(name: str, value: Any, meta: dict) -> None:
         raise OptionError(name, f"must be a finite number, got {value!r}")
     low, high, above = bounds
     if low is not None and value < low:
-        raise OptionError(name, f"must be at least {low:g}, got {value:g}")
+        raise OptionError(name, f"must be at least {_number(low)}, got {_number(value)}")
     if high is not None and value > high:
-        raise OptionError(name, f"must be at most {high:g}, got {value:g}")
+        raise OptionError(name, f"must be at most {_number(high)}, got {_number(value)}")
     if above is not None and value <= above:
-        raise OptionError(name, f"must be above {above:g}, got {value:g}")
+        raise OptionError(name, f"must be above {_number(above)}, got {_number(value)}")
+
+
+def _number(value: float) -> str:
+    # whole numbers whole: a 64-bit bound in exponent notation would hide what the limit is
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +77,10 @@ class Options:
         return dataclasses.replace(self, **changes)
 
 
+# JAX keys a seed as a signed 64-bit integer
+SEED_MAX = 2**63 - 1
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampling(Options):
     """temperature 0 means greedy; top_k 0 and top_p 1.0 switch those filters off (sampling.py)."""
@@ -80,7 +89,8 @@ class Sampling(Options):
     top_k: int = option(0, "sample among the k most likely tokens (0: all)", at_least=0)
     top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens holding this mass (1: all)",
                           above=0.0, at_most=1.0)
-    seed: int = option(0, "the sampling noise's seed (with the prompt's index and the position)", at_least=0)
+    seed: int = option(0, "the sampling noise's seed (with the prompt's index and the position)", at_least=0,
+                       at_most=SEED_MAX)
 
     @property
     def greedy(self) -> bool:
@@ -103,6 +113,23 @@ class DecodeOptions(Options):
     def cache_shape(self, batch: int, slots: int) -> tuple[int, int]:
         """(rows, slots) of the KV cache for `batch` prompts needing `slots` positions."""
         return batch, slots
+
+    @property
+    def candidate_rows(self) -> int:
+        """Rows a pass verifies per cache row: recycling methods verify each pooled candidate on a row
+        of its own, with a copy of the cache."""
+        return 1 + getattr(self, "recycle", 0)
+
+    def working_bytes(self, config, batch: int, slots: int) -> int:
+        """A lower bound on the memory one pass needs: every KV cache row it copies, and the float32
+        logits and attention scores of its window. A bound, not a measure: it only refuses settings
+        that cannot run, before XLA tries to allocate them."""
+        rows, slots = self.cache_shape(batch, slots)
+        rows *= self.candidate_rows
+        itemsize = 2 if "bfloat16" in str(config.compute_dtype) else 4
+        cache = 2 * config.num_layers * rows * slots * config.num_kv_heads * config.head_dim * itemsize
+        window = rows * self.lookahead
+        return cache + 4 * window * (config.vocab_size + config.num_heads * slots)
 
 
 # The guess for the not-yet-decoded tokens of a block (cllm_jax/decode/guess.py). Any guess reaches the

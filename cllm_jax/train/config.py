@@ -224,6 +224,12 @@ class TrainConfig:
             raise ConfigError(f"optim.max_steps must be >= 1 (or null: the epochs decide), got {o.max_steps}")
         if self.adapter.rank:
             self._check_adapter()
+        else:  # without an adapter its other keys would be ignored: a run that is not the one asked for
+            default = AdapterSection()
+            for field in dataclasses.fields(AdapterSection):
+                if getattr(self.adapter, field.name) != getattr(default, field.name):
+                    raise ConfigError(f"adapter.{field.name} is set but adapter.rank is 0 (full fine-tuning, no "
+                                      f"adapter): set adapter.rank (e.g. 16) or drop adapter.{field.name}")
         self._check_drafter()
 
     def _check_drafter(self):

@@ -76,20 +76,41 @@ def resolve_model(arg: str | os.PathLike | None) -> Path:
     path = Path(arg).expanduser()
     if not path.exists() and parse_hub_id(str(arg)) is not None:
         return resolve_hub_id(*parse_hub_id(str(arg)))
-    if path.is_dir() and not (path / "config.json").is_file():
-        for run in (path / "train", path):  # a pipeline run (it trains in train/), or a training run
-            if any((run / name).exists() for name in (RUN_EXPORT_DIR, "checkpoints", "config.yaml")):
-                export = run / RUN_EXPORT_DIR
-                if (export / "config.json").is_file() or is_adapter_dir(export):
-                    return export
-                raise CheckpointError(
-                    f"{run} is a training run with no exported model yet ({run / RUN_EXPORT_DIR} is missing): "
-                    f"training has not finished; rerun the same train.py command to finish and export it, or "
-                    f"pass a finished run or a model directory"
-                )
+    export = _run_export(path)
+    if export is not None:
+        return export
     if is_adapter_dir(path):
         return path
     return resolve_model_path(path)
+
+
+def resolve_adapter(arg: str | os.PathLike) -> Path:
+    """The PEFT adapter directory an adapter argument names: the directory itself, or a training (or
+    pipeline) run that trained one. A path that is neither is returned as is, for the loader to say
+    what it lacks."""
+    path = Path(arg).expanduser()
+    export = None if is_adapter_dir(path) else _run_export(path)
+    if export is None or is_adapter_dir(export):
+        return path if export is None else export
+    raise CheckpointError(f"{arg} trained the whole model, not an adapter (its export {export} is a full model): "
+                          f"decode it as the model itself, or pass an adapter run")
+
+
+def _run_export(path: Path) -> Path | None:
+    """A finished run's export directory; None if `path` is no run. An unfinished run is refused."""
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    for run in (path / "train", path):  # a pipeline run (it trains in train/), or a training run
+        if any((run / name).exists() for name in (RUN_EXPORT_DIR, "checkpoints", "config.yaml")):
+            export = run / RUN_EXPORT_DIR
+            if (export / "config.json").is_file() or is_adapter_dir(export):
+                return export
+            raise CheckpointError(
+                f"{run} is a training run with no exported model yet ({run / RUN_EXPORT_DIR} is missing): "
+                f"training has not finished; rerun the same train.py command to finish and export it, or "
+                f"pass a finished run or a model directory"
+            )
+    return None
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, dict]:
