@@ -143,6 +143,10 @@ def shards_worker() -> dict:
         for _ in range(2):
             Decoder(tiny_model(), "ar", batch_size=1, mesh=decode_mesh.make_decode_mesh(1, 8), max_new_tokens=4)
     out["notes"] = [str(w.message) for w in caught if issubclass(w.category, CllmWarning)]
+    mesh = decode_mesh.make_decode_mesh(2, 4)
+    with decode_mesh.using(mesh):  # how collection and the pipeline's evaluation pass a mesh to their decoders
+        out["active"] = Decoder(tiny_model(), "ar", max_new_tokens=4).mesh is mesh
+    out["after"] = Decoder(tiny_model(), "ar", max_new_tokens=4).mesh is None
     return out
 
 
@@ -200,6 +204,19 @@ def test_a_model_that_does_not_fit_is_refused_naming_a_mesh_that_fits(shards):
 def test_replicated_dimensions_are_named_once(shards):
     (note,) = shards["notes"]
     assert "heads (4 over tensor=8)" in note and "kv_heads (2 over tensor=8)" in note
+
+
+def test_a_mesh_set_for_a_stage_reaches_its_decoders(shards):
+    assert shards["active"] and shards["after"]
+
+
+def test_the_pipeline_checks_its_evaluation_mesh_when_loading():
+    from cllm_jax.errors import CllmError
+    from cllm_jax.evaluate.pipeline import EvaluateStage
+
+    assert EvaluateStage(mesh="data=2,tensor=4").mesh == "data=2,tensor=4"
+    with pytest.raises(CllmError, match="data=D,tensor=T"):
+        EvaluateStage(mesh="model=2")
 
 
 # --- collection ---------------------------------------------------------------------------------
@@ -271,9 +288,78 @@ def test_collection_on_a_mesh_resumes_after_a_kill(collect_inputs, one_device_co
         assert (out / name).read_bytes() == (one_device_collection / name).read_bytes()
 
 
+def decode_cli(root, *extra, command=()):
+    return [sys.executable, str(ROOT / "decode.py"), *command, "--model", str(root / "tiny"), "--max-new-tokens", "16",
+            *extra]
+
+
+def test_decode_command_on_a_mesh_prints_what_one_device_prints(collect_inputs):
+    args = ["--prompt", "What is 2 plus 3?", "--prompt", "Name a color.", "--method", "jacobi-rolling",
+            "--block-size", "4", "--batch-size", "2", "--json"]
+    runs = [subprocess.run(decode_cli(collect_inputs, *args, *mesh), env=CPU8, capture_output=True, text=True,
+                           timeout=120) for mesh in ([], ["--mesh", "data=2,tensor=4"])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, mesh = ([{k: r[k] for k in ("token_ids", "forward_passes", "fast_forwarded", "stationary")}
+                  for r in map(json.loads, run.stdout.splitlines())] for run in runs)
+    assert len(one) == 2 and mesh == one
+    bad = subprocess.run(decode_cli(collect_inputs, *args, "--mesh", "data=3,tensor=4"), env=CPU8,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--mesh" in bad.stderr
+
+
+def test_chat_on_a_mesh_answers_as_on_one_device(collect_inputs):
+    runs = [subprocess.run(decode_cli(collect_inputs, *mesh, command=["chat"]), input="What is 2 plus 3?\n", env=CPU8,
+                           capture_output=True, text=True, timeout=120) for mesh in ([], ["--mesh", "tensor=8"])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert runs[0].stdout.strip() and runs[1].stdout == runs[0].stdout
+    assert "replicated, not divisible" in runs[1].stderr
+
+
+# --- two processes ------------------------------------------------------------------------------
+
+MULTIHOST = [("lossless-rows", True)]  # (method group, sampled), batch 8, with EOS: the adapter and the noise
+
+
+def multihost_worker(process_id: int, port: int) -> dict:
+    """One of two processes with 4 CPU devices each: one data=2,tensor=4 mesh over both, so each
+    process's devices hold half the prompts; every process gets every row back, in order."""
+    from cllm_jax.parallel import decode_mesh, distributed
+
+    distributed.initialize(True, f"127.0.0.1:{port}", 2, process_id)  # before anything touches a device
+    mesh = decode_mesh.make_decode_mesh(2, 4)
+    out = {}
+    for group, sampled in MULTIHOST:
+        method, options = METHODS[group]
+        out[group] = decode(tiny_model(adapter=method == "jacobi-lossless"), method, options, 8, sampled, mesh)
+    return out
+
+
+def test_two_processes_decode_like_one_device():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(i), str(port)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    one = {}
+    for group, sampled in MULTIHOST:  # this process: one device
+        method, options = METHODS[group]
+        one[group] = decode(tiny_model(adapter=method == "jacobi-lossless"), method, options, 8, sampled, None)
+    for proc in procs:
+        stdout, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(stdout.strip().splitlines()[-1]) == json.loads(json.dumps(one))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if sys.argv[1] == "method":
         print(json.dumps(method_worker(sys.argv[2], sys.argv[3])))
     elif sys.argv[1] == "shards":
         print(json.dumps(shards_worker()))
+    elif sys.argv[1] == "multihost":
+        print(json.dumps(multihost_worker(int(sys.argv[2]), int(sys.argv[3]))))

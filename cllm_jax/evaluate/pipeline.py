@@ -50,8 +50,13 @@ class EvaluateStage:
     models: dict[str, str] = dataclasses.field(default_factory=dict)  # more weights: name -> model path
     include_transformers: bool = True
     prompt_lookup_num_tokens: int = 10
+    mesh: str | None = None  # "data=D,tensor=T": decode the rows over a device mesh (None: one device)
 
     def __post_init__(self):
+        if self.mesh is not None:  # a mistyped mesh fails when the config loads, not after training
+            from cllm_jax.parallel.decode_mesh import parse_mesh
+
+            parse_mesh(self.mesh)
         if self.task not in ("gsm8k", "humaneval"):
             raise ConfigError(f"evaluate.task={self.task!r} is not one of gsm8k, humaneval")
         for name, value in (("limit", self.limit), ("timing_limit", self.timing_limit)):
@@ -333,8 +338,11 @@ def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], An
                             timing_limit=e.timing_limit, batch_size=e.batch_size,
                             include_transformers=e.include_transformers,
                             prompt_lookup_num_tokens=e.prompt_lookup_num_tokens)  # fmt: skip
-    runs = run_rows(models, e.row_specs("cllm" in models), task.prompts, settings,
-                    progress=lambda name: say(f"[3/4] evaluate: {name}"), keep_dir=config.run_dir / "evaluation")
+    from cllm_jax.parallel import decode_mesh
+
+    with decode_mesh.using(decode_mesh.mesh_from_text(e.mesh)):
+        runs = run_rows(models, e.row_specs("cllm" in models), task.prompts, settings,
+                        progress=lambda name: say(f"[3/4] evaluate: {name}"), keep_dir=config.run_dir / "evaluation")
     decode = models["base"].tokenizer.decode
     judged = task.judge(runs, decode)
     evaluation = {

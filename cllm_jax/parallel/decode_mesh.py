@@ -176,7 +176,12 @@ def put_rows(value, mesh: Mesh) -> jax.Array:
 
 
 def put_replicated(value, mesh: Mesh) -> jax.Array:
-    return jax.device_put(value, mesh_lib.replicated(mesh))
+    """A value every process holds as one replicated global array (a PRNG key through its raw data)."""
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put_replicated(jax.random.key_data(value), mesh),
+                                        impl=jax.random.key_impl(value))
+    host = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(host.shape, mesh_lib.replicated(mesh), lambda index: host[index])
 
 
 def output_shardings(abstract_out, cache: KVCache, mesh: Mesh):
