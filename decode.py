@@ -103,7 +103,7 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prompt_token_ids(args, tokenizer) -> list[list[int]]:
     """All prompts as token ids, in the order given: texts, file, dataset, then raw ids."""
-    from cllm_jax.data.prompts import load_prompts
+    from cllm_jax.data.sources import load_prompts
 
     texts = list(args.prompt)
     for source in (args.prompts, args.dataset):
@@ -277,7 +277,7 @@ def collect_main(argv: list[str]) -> None:
     fields = add_option_flags(parser, [CollectOptions])
     args = parser.parse_args(argv)
 
-    from cllm_jax.data.prompts import load_prompts
+    from cllm_jax.data.sources import load_prompts
     from cllm_jax.weights.load import load_model
 
     if bool(args.dataset) == bool(args.prompts):

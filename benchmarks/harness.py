@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a script run as benchmarks/x/y.py imports the package from the checkout
     sys.path.insert(0, str(ROOT))
 
-from cllm_jax.data.prompts import load_prompts  # noqa: E402
+from cllm_jax.data.sources import load_prompts  # noqa: E402
 from cllm_jax.decode.prefill import bucket_length  # noqa: E402
 from cllm_jax.evaluate.machine import describe_machine  # noqa: E402
 

@@ -37,6 +37,6 @@ def smollm2_reference():
 
 @pytest.fixture(scope="session")
 def gsm8k_chat_prompts(smollm2):
-    from cllm_jax.data.prompts import load_prompts
+    from cllm_jax.data.sources import load_prompts
 
     return [smollm2.tokenizer.chat_ids(e.prompt) for e in load_prompts("gsm8k-eval", limit=3)]

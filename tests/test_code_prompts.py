@@ -6,8 +6,8 @@ import pytest
 
 from cllm_jax.data.code_prompts import (code_prompts, code_prompts_report, contaminated, functions_in_source,
                                         is_held_out)
-from cllm_jax.data.prompts import DATASET_NAMES, humaneval, load_prompts
-from cllm_jax.evaluate.humaneval import PROMPT_TEMPLATE
+from cllm_jax.data.humaneval import PROMPT_TEMPLATE, humaneval
+from cllm_jax.data.sources import DATASET_NAMES, load_prompts
 
 # Held out by the hash rule (a property of the id alone, whatever the Python version holds).
 EVAL_IDS = ["sharegpt:5394", "sharegpt:6216", "stdlib:bisect.py:bisect_right", "stdlib:timeit.py:Timer.repeat"]

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from cllm_jax.evaluate.humaneval import (ExecResult, canonical_code, chat_prompt, check_completions, check_programs,
-                                         extract_code, humaneval_problems, pass_at_1, program_text, run_program)
+from cllm_jax.data.humaneval import chat_prompt, humaneval_problems
+from cllm_jax.evaluate.humaneval import (ExecResult, canonical_code, check_completions, check_programs, extract_code,
+                                         pass_at_1, program_text, run_program)
 
 
 @pytest.fixture(scope="module")

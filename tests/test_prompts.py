@@ -4,9 +4,9 @@ import json
 import pytest
 
 from cllm_jax.data import prompts
-from cllm_jax.data.prompts import (DATASET_NAMES, GSM8K_INSTRUCTION, PromptExample, extract_final_number,
-                                   gsm8k, gsm8k_final_answer, gsm8k_split_ids, iter_json_array,
-                                   jsonl_file, load_prompts, sharegpt)
+from cllm_jax.data.prompts import (GSM8K_INSTRUCTION, PromptExample, extract_final_number, gsm8k,
+                                   gsm8k_final_answer, gsm8k_split_ids, iter_json_array, jsonl_file, sharegpt)
+from cllm_jax.data.sources import DATASET_NAMES, load_prompts
 from cllm_jax.errors import DataError
 
 

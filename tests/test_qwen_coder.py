@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from cllm_jax.decode import engine
-from cllm_jax.evaluate.humaneval import chat_prompt, humaneval_problems
+from cllm_jax.data.humaneval import chat_prompt, humaneval_problems
 from cllm_jax.errors import CheckpointError
 from cllm_jax.weights import builtin
 from cllm_jax.weights.builtin import qwen_coder_gguf_path

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cllm_jax.data.prompts import load_prompts  # noqa: E402
+from cllm_jax.data.sources import load_prompts  # noqa: E402
 from cllm_jax.decode.engine import Decoder  # noqa: E402
 from cllm_jax.decode.prefill import bucket_length  # noqa: E402
 from cllm_jax.weights.load import load_model  # noqa: E402

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
-from cllm_jax.data.prompts import load_prompts  # noqa: E402
+from cllm_jax.data.sources import load_prompts  # noqa: E402
 from cllm_jax.decode.engine import Decoder, summarize  # noqa: E402
 from cllm_jax.weights.load import load_model  # noqa: E402
 

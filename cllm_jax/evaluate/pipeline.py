@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from cllm_jax.data.collect import CollectOptions, collect
-from cllm_jax.data.prompts import load_prompts
+from cllm_jax.data.sources import load_prompts
 from cllm_jax.errors import ConfigError
 from cllm_jax.evaluate.evaluation import Row
 from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict, unknown_key

@@ -3,7 +3,7 @@
 - gsm8k: the held-out GSM8K problems under the chat template; an answer is correct when its final
   number (the one after '####', else the last) equals the reference's. "Same final answer"
   compares those numbers between a method and the base model.
-- humaneval: the HumanEval problems under the chat prompt of cllm_jax/evaluate/humaneval.py; an
+- humaneval: the HumanEval problems under the chat prompt of cllm_jax/data/humaneval.py; an
   answer is correct when its extracted code passes the problem's tests, run in a sandboxed process.
   Each distinct (problem, answer) is executed once, whichever rows produced it.
 """
@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from cllm_jax.data.prompts import extract_final_number, gsm8k_final_answer, load_prompts
+from cllm_jax.data.humaneval import chat_prompt, humaneval_problems
+from cllm_jax.data.prompts import extract_final_number, gsm8k_final_answer
+from cllm_jax.data.sources import load_prompts
 from cllm_jax.errors import ConfigError
+from cllm_jax.evaluate.humaneval import check_completions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +48,6 @@ def load_task(name: str, dataset: str | None, limit: int | None, tokenizer) -> T
 
         return Task(name, [e.data_id for e in examples], [tokenizer.chat_ids(e.prompt) for e in examples], judge)
     if name == "humaneval":
-        from cllm_jax.evaluate.humaneval import chat_prompt, check_completions, humaneval_problems
-
         if dataset not in (None, "humaneval"):
             raise ConfigError(f"evaluate.task=humaneval reads the HumanEval problems, not {dataset!r}: drop "
                               f"evaluate.dataset")
