@@ -46,6 +46,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", metavar="data=D,tensor=T", help="decode over a device mesh: weights, heads and "
                         "KV cache split over tensor, prompts over data (default: one device)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="several processes, one mesh over all their "
+                        "devices (jax.distributed; 'auto': detected on a cluster); with --num-processes, --process-id")
+    parser.add_argument("--num-processes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
 
 
 def use_mesh(args):
@@ -53,8 +57,11 @@ def use_mesh(args):
     so that a model larger than one device reaches the mesh in shards."""
     import contextlib
 
-    from cllm_jax.parallel import decode_mesh
+    from cllm_jax.parallel import decode_mesh, distributed
 
+    if getattr(args, "coordinator", None):  # before anything touches a device
+        distributed.initialize(True, None if args.coordinator == "auto" else args.coordinator, args.num_processes,
+                               args.process_id)
     mesh = decode_mesh.mesh_from_text(getattr(args, "mesh", None))
     decode_mesh.activate(mesh)
     if mesh is None:
@@ -207,6 +214,10 @@ def run_method(model, method: str, options, prompts, batch_size: int, seed: int,
 
 
 def print_results(results, tokenizer, method: str, as_json: bool) -> None:
+    from cllm_jax.parallel.distributed import is_main_process
+
+    if not is_main_process():  # every process holds every result; one prints them
+        return
     for r in results:
         text = tokenizer.decode(r.token_ids) if tokenizer is not None else None
         if as_json:

@@ -8,6 +8,7 @@ with a single-device run of the same model, prompts and options in the same proc
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -353,6 +354,33 @@ def test_two_processes_decode_like_one_device():
         stdout, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         assert json.loads(stdout.strip().splitlines()[-1]) == json.loads(json.dumps(one))
+
+
+def test_two_decode_processes_print_what_one_device_prints(collect_inputs):
+    """decode.py under jax.distributed: process 0 prints every prompt's result, in order; process 1 none."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [arg for q in ("What is 2 plus 3?", "Name a color.", "Count to five.", "Say hi.") for arg in ("--prompt", q)]
+    args += ["--method", "ar", "--batch-size", "4", "--json"]  # the Jacobi methods: the test above
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(decode_cli(collect_inputs, *args, "--mesh", "data=2,tensor=2", "--coordinator",
+                                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    one = subprocess.run(decode_cli(collect_inputs, *args), env=env, capture_output=True, text=True, timeout=120)
+    outs = []
+    for proc in procs:
+        stdout, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(stdout)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def tokens(stdout):  # the JSON lines (gloo's C++ logs connections on stdout too)
+        return [(r["token_ids"], r["forward_passes"]) for r in map(json.loads, re.findall(r"^\{.*$", stdout, re.M))]
+
+    assert len(tokens(one.stdout)) == 4 and tokens(outs[0]) == tokens(one.stdout) and tokens(outs[1]) == []
 
 
 if __name__ == "__main__":
