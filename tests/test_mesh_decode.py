@@ -34,7 +34,7 @@ METHODS = {
 }
 
 
-def tiny_model(heads=4, kv_heads=2, head_dim=16, adapter=False, placeholders=0):
+def tiny_model(heads=4, kv_heads=2, head_dim=16, adapter=False, placeholders=0, layer_loop="scan"):
     """A tiny random LLaMA; weights 10x the default init, so argmax decisions are clear-cut."""
     import jax
     from flax import nnx
@@ -44,7 +44,8 @@ def tiny_model(heads=4, kv_heads=2, head_dim=16, adapter=False, placeholders=0):
     from cllm_jax.model.llama import Llama
 
     config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=heads,
-                         num_kv_heads=kv_heads, head_dim=head_dim, eos_token_id=2, max_position_embeddings=256)
+                         num_kv_heads=kv_heads, head_dim=head_dim, eos_token_id=2, max_position_embeddings=256,
+                         layer_loop=layer_loop)
     model = Llama(config, rngs=nnx.Rngs(0))
     nnx.update(model, jax.tree.map(lambda x: x * 10, nnx.state(model)))
     if adapter or placeholders:
@@ -83,8 +84,10 @@ def case_name(mesh_shape, batch, sampled) -> str:
 def method_worker(group: str, case: str) -> dict:
     from cllm_jax.parallel import decode_mesh
 
-    method, options = METHODS[group]
-    kind = {"adapter": method == "jacobi-lossless", "placeholders": 4 if method == "lossless-placeholder" else 0}
+    per_layer = group.endswith("per-layer")  # per-layer weight and cache arrays (the accelerator layout)
+    method, options = METHODS[group.removesuffix("-per-layer")]
+    kind = {"adapter": method == "jacobi-lossless", "placeholders": 4 if method == "lossless-placeholder" else 0,
+            "layer_loop": "per_layer" if per_layer else "scan"}
     (mesh_shape, batch, sampled), = [c for c in CASES if case_name(*c) == case]
     mesh = decode_mesh.make_decode_mesh(*mesh_shape)
     return {"one": decode(tiny_model(**kind), method, options, batch, sampled, None),
@@ -168,6 +171,11 @@ def test_every_method_decodes_on_a_mesh_as_on_one_device(group, case):
         rows = r["one"]
         assert any(row["tokens"][-1] == EOS and len(row["tokens"]) < MAX_NEW for row in rows), "no row hit EOS"
         assert any(len(row["tokens"]) == MAX_NEW for row in rows)
+
+
+def test_per_layer_weights_and_cache_decode_on_a_mesh_as_on_one_device():
+    r = run_worker("method", "ar-per-layer", case_name(*CASES[2]))
+    assert r["mesh"] == r["one"]
 
 
 @pytest.fixture(scope="module")
