@@ -52,9 +52,10 @@ def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
 
 
-def use_mesh(args):
+def use_mesh(args, local: bool = False):
     """The --mesh for every decoder of this command; a context in which the model loads into host memory,
-    so that a model larger than one device reaches the mesh in shards."""
+    so that a model larger than one device reaches the mesh in shards. `local`: over this process's
+    devices only (collection, where every process collects its own shard of the prompts)."""
     import contextlib
 
     from cllm_jax.parallel import decode_mesh, distributed
@@ -62,11 +63,12 @@ def use_mesh(args):
     if getattr(args, "coordinator", None):  # before anything touches a device
         distributed.initialize(True, None if args.coordinator == "auto" else args.coordinator, args.num_processes,
                                args.process_id)
-    mesh = decode_mesh.mesh_from_text(getattr(args, "mesh", None))
+    import jax
+
+    mesh = decode_mesh.mesh_from_text(getattr(args, "mesh", None), jax.local_devices() if local else None)
     decode_mesh.activate(mesh)
     if mesh is None:
         return contextlib.nullcontext()
-    import jax
 
     return jax.default_device(jax.local_devices(backend="cpu")[0])
 
@@ -307,7 +309,7 @@ def collect_main(argv: list[str]) -> None:
     source = args.dataset or args.prompts
     extra = {"answer_field": args.answer_field} if args.prompts and args.answer_field else {}
     examples = load_prompts(source, limit=args.limit, **extra)
-    with use_mesh(args):
+    with use_mesh(args, local=True):
         loaded = load_model(args.model)
     if loaded.tokenizer is None:
         raise InputError("collection needs a model with a tokenizer")

@@ -326,6 +326,31 @@ def test_chat_on_a_mesh_answers_as_on_one_device(collect_inputs):
     assert "replicated, not divisible" in runs[1].stderr
 
 
+def test_two_processes_collect_shards_that_merge_into_the_one_device_file(collect_inputs, one_device_collection):
+    """Under jax.distributed each process collects its shard of the prompts on a mesh of its own devices;
+    `decode.py merge` puts the records in prompt order."""
+    import socket
+
+    from cllm_jax.data.trajectories import TRAJECTORIES_FILE
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(collect_cli(collect_inputs, collect_inputs / f"process{i}", "--mesh", "tensor=2",
+                                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                          "--process-id", str(i)),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    merged = collect_inputs / "merged"
+    merge = subprocess.run([sys.executable, str(ROOT / "decode.py"), "merge", "--out", str(merged),
+                            *(str(collect_inputs / f"process{i}") for i in (0, 1))], capture_output=True, text=True)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    assert (merged / TRAJECTORIES_FILE).read_bytes() == (one_device_collection / TRAJECTORIES_FILE).read_bytes()
+
+
 # --- two processes ------------------------------------------------------------------------------
 
 MULTIHOST = [("lossless-rows", True)]  # (method group, sampled), batch 8, with EOS: the adapter and the noise

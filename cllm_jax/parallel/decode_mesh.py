@@ -67,8 +67,8 @@ def make_decode_mesh(data: int = -1, tensor: int = 1, devices=None) -> Mesh:
         raise InputError(f"--mesh data={data},tensor={tensor}: {error}") from None
 
 
-def mesh_from_text(text: str | None) -> Mesh | None:
-    return None if not text else make_decode_mesh(*parse_mesh(text))
+def mesh_from_text(text: str | None, devices=None) -> Mesh | None:
+    return None if not text else make_decode_mesh(*parse_mesh(text), devices=devices)
 
 
 def activate(mesh: Mesh | None) -> None:
