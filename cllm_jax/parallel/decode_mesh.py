@@ -262,12 +262,23 @@ def free_bytes_per_device(mesh: Mesh) -> int | None:
         return None
 
 
-def check_fits(model, rows: int, length: int, mesh: Mesh, free: int | None = None, held: int = 0) -> None:
+def held_bytes(model, mesh: Mesh) -> int:
+    """Bytes of `model` that the mesh's first local device holds now (counted in its memory in use)."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if not local:
+        return 0
+    return sum(s.data.nbytes for a in jax.tree.leaves(nnx.state(model)) if isinstance(a, jax.Array)
+               for s in a.addressable_shards if s.device == local[0])
+
+
+def check_fits(model, rows: int, length: int, mesh: Mesh, free: int | None = None, held: int | None = None) -> None:
     """Refuse in one line, before anything is allocated, weights plus cache that do not fit a device;
-    name the mesh of the same devices that would fit. `held`: bytes of this model a device holds already."""
+    name the mesh of the same devices that would fit. `held`: bytes of this model a device holds already
+    (default: read from its arrays), which moving it to the mesh frees."""
     free = free_bytes_per_device(mesh) if free is None else free
     if free is None:
         return
+    held = held_bytes(model, mesh) if held is None else held
     weights, cache = per_device_bytes(model, rows, length, mesh)
     available = free + held  # what this model's shards hold now is freed when they move
     if weights + cache <= available:
