@@ -130,6 +130,18 @@ def targets_without_adapter(d, inputs, monkeypatch, straight):
     return ["--config", str(config_file(d, inputs)), "adapter.targets=[q,v]"], None, None
 
 
+def pipeline_negative_recycle(d, inputs, monkeypatch, straight):
+    """A bad evaluation setting fails when the config loads, before collection and training run."""
+    return ["pipeline", "--config", str(ROOT / "configs" / "smollm2_gsm8k.yaml"), f"run_dir={d / 'run'}",
+            "evaluate.recycle=-1"], None, lambda: not (d / "run").exists()
+
+
+def pipeline_negative_row_option(d, inputs, monkeypatch, straight):
+    return ["pipeline", "--config", str(ROOT / "configs" / "smollm2_gsm8k.yaml"), f"run_dir={d / 'run'}",
+            "evaluate.rows=[{weights: base, method: ar}, {weights: cllm, method: jacobi-rolling, recycle: -2}]"], \
+        None, lambda: not (d / "run").exists()
+
+
 def pipeline_yaml_list(d, inputs, monkeypatch, straight):
     d.mkdir(parents=True, exist_ok=True)
     (d / "list.yaml").write_text("- collect\n- train\n")
@@ -271,6 +283,9 @@ CASES = [  # (case, exit status, the one stderr line)
     (gated_without_adapter, 1, r"error: adapter\.gated is set but adapter\.rank is 0 \(full fine-tuning, no "
                                r"adapter\): set adapter\.rank \(e\.g\. 16\) or drop adapter\.gated$"),
     (targets_without_adapter, 1, r"error: adapter\.targets is set but adapter\.rank is 0"),
+    (pipeline_negative_recycle, 1, r"error: evaluate: the row jacobi-multiblock \+ recycling \(cllm\): recycle must "
+                                   r"be at least 0, got -1$"),
+    (pipeline_negative_row_option, 1, r"error: evaluate\.rows: recycle must be at least 0, got -2$"),
     (pipeline_yaml_list, 1, r"error: .*list\.yaml must hold a mapping of sections \(run_dir, collect, train"),
     (misspelt_pipeline_section, 1, r"error: unknown key colect in the config: did you mean collect\? \(valid: "),
     (unfinished_collection, 0, r"warning: .*/collection is an unfinished collection \(8 prompts so far\): "

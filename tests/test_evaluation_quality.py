@@ -43,9 +43,10 @@ def test_score_reports_the_ratio_against_the_base_greedy(models):
               for p in prompts]  # fmt: skip
     other = random_prompts([10, 6], seed=8)  # random text: far less likely under the model than its greedy text
     common = dict(indices=[0, 1], timed=2, seconds=[1.0, 1.0])
-    runs = [MethodRun(name="ar (base)", weights="base", token_ids=greedy, forward_passes=[10, 10], **common),
-            MethodRun(name="drifted (cllm)", weights="cllm", token_ids=other, forward_passes=[4, 3], block_size=8,
-                      **common)]
+    runs = [MethodRun(name="ar (base)", weights="base", method="ar", token_ids=greedy, forward_passes=[10, 10],
+                      **common),
+            MethodRun(name="drifted (cllm)", weights="cllm", method="jacobi-rolling", token_ids=other,
+                      forward_passes=[4, 3], block_size=8, **common)]
     runs = with_base_nll(runs, types.SimpleNamespace(model=model), prompts)
     table = score(runs, lambda index, tokens: True, final_answer=None)
 
@@ -67,3 +68,28 @@ def test_repetition_counts_distinct_4grams_and_answers_cut_at_the_limit():
     figures = repetition([looping, varied, short], token_limit=8)
     assert figures["distinct_4gram_share"] == pytest.approx((0.8 + 1.0) / 2)
     assert figures["at_token_limit"] == pytest.approx(1 / 3)
+
+
+def test_a_method_that_verifies_with_the_base_is_known_by_its_registry_line(monkeypatch):
+    """Neither the score nor the report reads a row's name: a new verifying method, whatever it is
+    called, is held to the base model's AR text from its registry line alone."""
+    import dataclasses
+
+    from cllm_jax.decode import registry
+
+    line = dataclasses.replace(registry.METHODS["jacobi-rolling"], name="speculate", verifies_with_base=True)
+    monkeypatch.setitem(registry.METHODS, "speculate", line)
+    base_text, cllm_text = [[5, 6, 7], [8, 9]], [[5, 6, 1], [8, 2]]
+    common = dict(indices=[0, 1], timed=2, seconds=[1.0, 1.0], base_nll=[1.0, 1.0])
+    runs = [MethodRun(name="ar (base)", weights="base", method="ar", token_ids=base_text, forward_passes=[3, 2],
+                      **common),
+            MethodRun(name="ar (cllm)", weights="cllm", method="ar", token_ids=cllm_text, forward_passes=[3, 2],
+                      **common),
+            MethodRun(name="fast (cllm)", weights="cllm", method="speculate", token_ids=base_text,
+                      forward_passes=[1, 1], **common),
+            MethodRun(name="lossy (cllm)", weights="cllm", method="jacobi-rolling", token_ids=cllm_text,
+                      forward_passes=[1, 1], **common)]
+    table = score(runs, lambda index, tokens: True)
+    assert [table[n]["verifies_with_base"] for n in table] == [False, False, True, False]
+    assert table["fast (cllm)"]["agreement"]["own_ar"] == 1.0  # against the base model's AR, not ar (cllm)
+    assert table["lossy (cllm)"]["agreement"]["own_ar"] == 1.0  # against its own weights' AR

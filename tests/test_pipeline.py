@@ -28,8 +28,9 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     # rolling + lookup on the CLLM; transformers x 2
     assert len(methods) == 17
     for name, m in methods.items():
-        assert set(m) == {"weights", "prompts", "timed_prompts", "tpf", "tokens_per_second", "speedup", "accuracy",
-                          "agreement", "base_nll_ratio", "block_size", "distinct_4gram_share", "at_token_limit"}
+        assert set(m) == {"weights", "method", "verifies_with_base", "prompts", "timed_prompts", "tpf",
+                          "tokens_per_second", "speedup", "accuracy", "agreement", "base_nll_ratio", "block_size",
+                          "distinct_4gram_share", "at_token_limit"}
         assert m["tokens_per_second"] > 0 and m["base_nll_ratio"] > 0
     assert methods["ar (base)"]["tpf"] == 1.0 and methods["ar (base)"]["speedup"] == 1.0
     assert methods["ar (base)"]["base_nll_ratio"] == 1.0 and methods["ar (base)"]["block_size"] is None

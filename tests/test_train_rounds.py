@@ -37,7 +37,7 @@ def test_second_round_collects_with_the_trained_model_and_trains_on(tmp_path):
     path = recipe(tmp_path, {"collect": {"block_size": 8}, "train": {"optim": {"lr": 0.0, "max_steps": 1}}})
     config = load_pipeline_config(path)
     assert config.second_round.train.optim.lr == 0.0 and config.second_round.train.optim.max_steps == 1
-    assert config.train.optim.lr > 0 and config.second_round.options.block_size == 8
+    assert config.train.optim.lr > 0 and config.second_round.collect.options.block_size == 8
     messages = []
     run_pipeline(config, say=messages.append)
 

@@ -6,7 +6,10 @@ and a jitted generate function with the signature every method shares:
     generate(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, *, options) -> DecodeOutput
 
 and one line below. The engine, the command line, trajectory collection and the evaluation find
-methods, their options, defaults and help here and nowhere else.
+methods, their options, defaults and help here and nowhere else; and what the others need to know of
+a method besides: whether the base model verifies its every token (the evaluation then holds its text
+to the base model's AR text, the report lists it as lossless) and what an adapter on the model means
+for it, read by `resolve_method` for the command line, the chat and the evaluation alike.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class Method:
 
 METHODS = {m.name: m for m in (
     Method("ar", generate_autoregressive, AROptions, "autoregressive: one token per forward pass",
-           verifies_with_base=True, adapter_role="base"),
+           adapter_role="base"),
     Method("jacobi", generate_jacobi, FixedBlockOptions, "fixed-block Jacobi, the reference algorithm"),
     Method("jacobi-rolling", generate_window, RollingOptions, "rolling Jacobi: accept the settled prefix, slide",
            with_adapter="jacobi-lossless"),

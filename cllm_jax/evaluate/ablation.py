@@ -18,10 +18,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from cllm_jax.errors import ConfigError
 from cllm_jax.evaluate.pipeline import PipelineConfig, load_pipeline_config
+from cllm_jax.train.config import read_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +34,7 @@ class AblationConfig:
 
 
 def load_ablation_config(path: str | Path) -> AblationConfig:
-    try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read ablation config {path}: {e.strerror}") from None
+    values = read_yaml(path, kind="ablation config", sections="pipeline, run_dir, budget, rows, ...")
     known = {f.name for f in dataclasses.fields(AblationConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.decode.options import JacobiOptions
 from cllm_jax.decode.prefill import bucket_length
-from cllm_jax.decode.registry import get_method
+from cllm_jax.decode.registry import METHODS, get_method, resolve_method
 from cllm_jax.errors import ConfigError
 from cllm_jax.evaluate.baselines import load_torch_model, torch_generate
 from cllm_jax.model.llama import merge_adapter as merge
@@ -74,8 +74,9 @@ class Row:
     def name(self, block_size: int | None, several_sizes: bool) -> str:
         options = dict(self.options)
         label = self.method
-        if get_method(self.method).needs_adapter:
-            label += f" {options.get('layout', 'rows')}"
+        default_layout = {f.name: f.default for f in dataclasses.fields(get_method(self.method).options)}.get("layout")
+        if default_layout is not None:  # a method with a layout says which it ran
+            label += f" {options.get('layout', default_layout)}"
         if self.jacobi and options.get("init", "lookup") == "lookup":
             label += " + lookup"
         if options.get("recycle"):
@@ -88,6 +89,7 @@ class Row:
 class MethodRun:
     name: str
     weights: str
+    method: str | None  # the registry's method that decoded it; None for transformers' generate
     indices: list[int]  # which prompts this run decoded
     token_ids: list[list[int]]
     forward_passes: list[int]
@@ -99,12 +101,24 @@ class MethodRun:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSettings:
+    """How every row decodes and is timed; a pipeline writes these keys in its evaluate section."""
+
     max_new_tokens: int = 256
-    block_sizes: tuple[int, ...] = (16,)  # every Jacobi row at each n
-    timing_limit: int | None = None  # time rows on the first N prompts (None: all)
-    batch_size: int = 1  # full runs beyond the timed prompts decode in batches of this size
+    block_sizes: tuple[int, ...] = (16,)  # every Jacobi row at each n (a row may name its own)
+    timing_limit: int | None = None  # time rows (batch 1) on the first N prompts only (None: all)
+    batch_size: int = 1  # `full` rows decode the prompts past timing_limit in batches of this size
     include_transformers: bool = True
     prompt_lookup_num_tokens: int = 10  # transformers' prompt-lookup row (0: no such row)
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_sizes", tuple(self.block_sizes))  # a YAML list
+        if self.timing_limit is not None and self.timing_limit < 1:
+            raise ConfigError(f"evaluate.timing_limit must be >= 1 (or null: all), got {self.timing_limit}")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or not self.block_sizes or min(self.block_sizes) < 1:
+            raise ConfigError("evaluate.max_new_tokens, evaluate.batch_size and every evaluate.block_sizes entry "
+                              "must be >= 1")
+        if self.prompt_lookup_num_tokens < 0:
+            raise ConfigError(f"evaluate.prompt_lookup_num_tokens must be >= 0, got {self.prompt_lookup_num_tokens}")
 
 
 def row_weights(models: dict[str, LoadedModel], row: Row, merged: dict[str, LoadedModel]) -> LoadedModel:
@@ -114,11 +128,13 @@ def row_weights(models: dict[str, LoadedModel], row: Row, merged: dict[str, Load
         raise ConfigError(f"evaluation row {row.method} names weights {row.weights!r}; known: {', '.join(models)}")
     loaded = models[row.weights]
     has_adapter = loaded.model.adapter is not None
-    if get_method(row.method).needs_adapter:
-        if not has_adapter:
-            raise ConfigError(f"evaluation row {row.method} needs adapter weights; {row.weights} has no adapter")
-        return loaded
-    if not has_adapter:
+    # A row runs the method it names: on adapter weights, a method that does not draft is the lossy CLLM
+    folded = has_adapter and not get_method(row.method).needs_adapter
+    try:
+        resolved = resolve_method(row.method, has_adapter, folded)
+    except ConfigError as error:
+        raise ConfigError(f"evaluation row {row.method} on weights {row.weights}: {error}") from None
+    if resolved.adapter != "merged":
         return loaded
     if row.weights not in merged:  # merged into a copy: the loaded model stays the lossless drafter
         merged[row.weights] = dataclasses.replace(loaded, model=merge(nnx.clone(loaded.model)), adapter=None)
@@ -142,7 +158,8 @@ def decode_run(name: str, weights: str, loaded: LoadedModel, prompts: list[list[
             rest = batched.generate(prompts[timed:], row_seeds=list(range(timed, len(prompts))),
                                     on_batch=lambda batch: bar.update(len(batch)))  # fmt: skip
     every = results + rest
-    return MethodRun(name=name, weights=weights, indices=list(range(len(every))), token_ids=[r.token_ids for r in every],
+    return MethodRun(name=name, weights=weights, method=row.method, indices=list(range(len(every))),
+                     token_ids=[r.token_ids for r in every],
                      forward_passes=[r.forward_passes for r in every], timed=timed,
                      seconds=[r.seconds for r in results], block_size=block_size)
 
@@ -193,7 +210,7 @@ def _transformers(name, loaded: LoadedModel, prompts, settings: EvalSettings, lo
     torch_generate(model, timed[:1], 4, eos, lookup)  # warm-up
     results = torch_generate(model, timed, settings.max_new_tokens, eos, lookup)
     # transformers does not report forward passes for generate; TPF is left out (empty) for them
-    return MethodRun(name=name, weights="base", indices=list(range(len(results))),
+    return MethodRun(name=name, weights="base", method=None, indices=list(range(len(results))),
                      token_ids=[r.token_ids for r in results], forward_passes=[], timed=len(results),
                      seconds=[r.seconds for r in results])
 
@@ -230,7 +247,7 @@ def run_rows(models: dict[str, LoadedModel], rows: list[Row], prompts: list[list
     for name, job in jobs:
         kept = None if keep_dir is None else keep_dir / (re.sub(r"[^\w.+=-]+", "_", name) + ".json")
         if kept is not None and kept.is_file():
-            runs.append(MethodRun(**json.loads(kept.read_text())))
+            runs.append(read_kept_run(kept))
             progress(f"{name}: done ({kept})")
             continue
         progress(name)
@@ -243,10 +260,23 @@ def run_rows(models: dict[str, LoadedModel], rows: list[Row], prompts: list[list
     return with_base_nll(runs, base, prompts)
 
 
+def read_kept_run(path: Path) -> MethodRun:
+    values = json.loads(path.read_text())
+    if "method" not in values:  # kept before runs recorded their method: a row's name starts with it
+        first = values["name"].split(" ")[0]
+        values["method"] = first if first in METHODS else None
+    return MethodRun(**values)
+
+
+def verifies_with_base(run: MethodRun) -> bool:
+    """Whether the base model verified every token of the run: its text must be the base model's AR text."""
+    return run.method is not None and get_method(run.method).verifies_with_base
+
+
 def _own_ar_agreement(run: MethodRun, own_ar: dict) -> float | None:
     """The fraction of a row's generations equal to its weights' AR text (lossless: the base's), over
     the prompts both decoded; None where no AR row ran on those weights."""
-    ar = own_ar.get("base" if "lossless" in run.name else run.weights)
+    ar = own_ar.get("base" if verifies_with_base(run) else run.weights)
     pairs = [(a, ar[i]) for i, a in zip(run.indices, run.token_ids) if ar is not None and i in ar]
     return float(np.mean([a == b for a, b in pairs])) if pairs else None
 
@@ -261,7 +291,7 @@ def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
     ref_tokens = dict(zip(reference.indices, reference.token_ids))
     # Each weights' own AR text, where a row "ar (<weights>)" decoded it: an exact method must give it
     # (a lossless row must give the base model's)
-    own_ar = {run.weights: dict(zip(run.indices, run.token_ids)) for run in runs if run.name.startswith("ar (")}
+    own_ar = {run.weights: dict(zip(run.indices, run.token_ids)) for run in runs if run.method == "ar"}
     ref_nll = dict(zip(reference.indices, reference.base_nll))
     base_speed = sum(len(t) for t in reference.token_ids[: reference.timed]) / sum(reference.seconds)
     table = {}
@@ -274,6 +304,8 @@ def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
         passes = run.forward_passes
         table[run.name] = {
             "weights": run.weights,
+            "method": run.method,
+            "verifies_with_base": verifies_with_base(run),
             "prompts": len(run.indices),
             "timed_prompts": run.timed,
             "tpf": sum(len(t) for t in run.token_ids) / sum(passes) if passes else None,

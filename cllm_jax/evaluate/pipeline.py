@@ -22,8 +22,8 @@ import yaml
 from cllm_jax.data.collect import CollectOptions, collect
 from cllm_jax.data.sources import load_prompts
 from cllm_jax.errors import ConfigError
-from cllm_jax.evaluate.evaluation import Row
-from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict, unknown_key
+from cllm_jax.evaluate.evaluation import EvalSettings, Row
+from cllm_jax.train.config import TrainConfig, apply_overrides, config_from_dict, read_yaml, unknown_key
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,18 +38,15 @@ class EvaluateStage:
     task: str = "gsm8k"  # gsm8k (final-number accuracy) | humaneval (pass@1 by executing the tests)
     dataset: str | None = None  # the held-out prompts (default: gsm8k-eval, or the 164 HumanEval problems)
     limit: int | None = 50
-    max_new_tokens: int = 256
-    block_sizes: list[int] = dataclasses.field(default_factory=lambda: [16])  # every Jacobi row at each n
-    timing_limit: int | None = None  # time rows (batch 1) on the first N prompts only (None: all)
-    batch_size: int = 1  # `full` rows decode the prompts past timing_limit in batches of this size
+    # max_new_tokens, block_sizes, timing_limit, batch_size, include_transformers, prompt_lookup_num_tokens:
+    # written in the section beside the keys below (load_pipeline_config)
+    settings: EvalSettings = EvalSettings()
     # The rows: {weights: base | cllm | a variant | a name of `models`, method: NAME, <its options>,
     # full: true}. Default: the standard set (`standard_rows`), shaped by `lookup` and `recycle`.
     rows: list[dict] | None = None
     lookup: bool = True  # standard rows: rolling Jacobi with lookup guesses, base model and CLLM
     recycle: int = 4  # standard rows: the multiblock + recycling row's pool (0: no such row)
     models: dict[str, str] = dataclasses.field(default_factory=dict)  # more weights: name -> model path
-    include_transformers: bool = True
-    prompt_lookup_num_tokens: int = 10
     mesh: str | None = None  # "data=D,tensor=T": decode the rows over a device mesh (None: one device)
 
     def __post_init__(self):
@@ -59,11 +56,18 @@ class EvaluateStage:
             parse_mesh(self.mesh)
         if self.task not in ("gsm8k", "humaneval"):
             raise ConfigError(f"evaluate.task={self.task!r} is not one of gsm8k, humaneval")
-        for name, value in (("limit", self.limit), ("timing_limit", self.timing_limit)):
-            if value is not None and value < 1:
-                raise ConfigError(f"evaluate.{name} must be >= 1 (or null: all), got {value}")
-        if self.batch_size < 1 or any(n < 1 for n in self.block_sizes) or not self.block_sizes:
-            raise ConfigError("evaluate.batch_size and every evaluate.block_sizes entry must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"evaluate.limit must be >= 1 (or null: all), got {self.limit}")
+        try:
+            rows = self.row_specs(trained=True)
+        except ConfigError as error:
+            raise ConfigError(f"evaluate.rows: {error}") from None
+        for row in rows:  # every row's options, checked before any stage runs
+            try:
+                row.make_options(block_size=min(row.block_sizes or self.settings.block_sizes),
+                                 max_new_tokens=self.settings.max_new_tokens)
+            except ConfigError as error:
+                raise ConfigError(f"evaluate: the row {row.name(None, False)}: {error}") from None
 
     def row_specs(self, trained: bool) -> list[Row]:
         if self.rows is None:
@@ -133,9 +137,7 @@ class SecondRound:
     resumes or is skipped like the first round's."""
 
     dir: Path
-    dataset: str
-    limit: int | None
-    options: CollectOptions
+    collect: CollectStage
     train: TrainConfig
 
     @property
@@ -157,6 +159,17 @@ def _collect_stage(values: dict | None, section: str) -> CollectStage:
     if stage.dataset == "gsm8k-eval":
         raise ConfigError(f"{section}.dataset must not be the held-out gsm8k-eval split")
     return stage
+
+
+def _evaluate_stage(values: dict | None) -> EvaluateStage:
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(EvalSettings)}
+    valid = {f.name for f in dataclasses.fields(EvaluateStage)} - {"settings"} | names  # settings: written flat
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise unknown_key(unknown[0], valid, "evaluate")
+    settings = EvalSettings(**{k: values.pop(k) for k in list(values) if k in names})
+    return EvaluateStage(**values, settings=settings)
 
 
 def _stage_train(train_values: dict, stage_dir: Path, model_path, extra: list[str] = ()) -> TrainConfig:
@@ -189,19 +202,19 @@ def _second_round(values: dict | None, run_dir: Path, collect_values: dict | Non
     stage = _collect_stage({**(collect_values or {}), **(values.get("collect") or {})}, "second_round.collect")
     stage_dir = run_dir / "round2"
     train = _stage_train(train_values, stage_dir, run_dir / "train", _dotted(values.get("train") or {}))
-    return SecondRound(dir=stage_dir, dataset=stage.dataset, limit=stage.limit, options=stage.options, train=train)
+    return SecondRound(dir=stage_dir, collect=stage, train=train)
 
 
-def _collect_and_train(model, dataset: str, limit, options: CollectOptions, stage_dir: Path, train: TrainConfig,
-                       label: str, say: Callable[[str], Any], on_batch):  # fmt: skip
+def _collect_and_train(model, stage: CollectStage, stage_dir: Path, train: TrainConfig, label: str,
+                       say: Callable[[str], Any], on_batch):  # fmt: skip
     """One round's collect and train stages (each resumed, or skipped when complete); returns the
     collection summary and the trained model."""
     from cllm_jax.train.loop import run as train_run
     from cllm_jax.weights.load import load_model
 
-    say(f"[1/4] {label}collect: {dataset}, n = {options.block_size} -> {stage_dir / 'trajectories'}")
-    summary = collect(model, load_prompts(dataset, limit=limit), stage_dir / "trajectories", options,
-                      source=dataset, on_batch=on_batch)  # fmt: skip
+    say(f"[1/4] {label}collect: {stage.dataset}, n = {stage.options.block_size} -> {stage_dir / 'trajectories'}")
+    summary = collect(model, load_prompts(stage.dataset, limit=stage.limit), stage_dir / "trajectories", stage.options,
+                      source=stage.dataset, on_batch=on_batch)  # fmt: skip
     say(f"      {summary['records']} records, {summary['mean_states_per_block']:.1f} states per block")
     if (Path(train.run_dir) / "export.json").is_file():  # written once the export (a model or an adapter) is complete
         say(f"[2/4] {label}train: done ({Path(train.run_dir) / 'export'})")
@@ -218,14 +231,7 @@ PIPELINE_SECTIONS = {"run_dir", "report_dir", "model", "collect", "train", "vari
 def _read_sections(path: str | Path, seen: tuple = ()) -> dict:
     """A pipeline YAML's sections; `extends: OTHER.yaml` starts from OTHER's (sections merged key by
     key, lists replaced), so a report config can add rows and trainings to a recipe without copying it."""
-    try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (run_dir, collect, train, evaluate, ...)")
+    values = read_yaml(path, sections="run_dir, collect, train, evaluate, ...")
     parent = values.pop("extends", None)
     if parent is None:
         return values
@@ -265,7 +271,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> Pipelin
         model=values.get("model"),
         collect=_collect_stage(values.get("collect"), "collect"),
         train=_stage_train(train_values, run_dir, values.get("model")),
-        evaluate=_section(EvaluateStage, values.get("evaluate"), "evaluate"),
+        evaluate=_evaluate_stage(values.get("evaluate")),
         source=values,
         second_round=_second_round(values.get("second_round"), run_dir, values.get("collect"), train_values),
         variants=variants,
@@ -291,10 +297,9 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], Any] = print, on_b
         collect(base, load_prompts(c.dataset, limit=c.limit), config.trajectories_dir, c.options, source=c.dataset,
                 on_batch=on_batch)  # fmt: skip
         return None
-    summary, cllm = _collect_and_train(base, c.dataset, c.limit, c.options, config.run_dir, config.train, "", say,
-                                       on_batch)  # fmt: skip
+    summary, cllm = _collect_and_train(base, c, config.run_dir, config.train, "", say, on_batch)
     if (r := config.second_round) is not None:
-        _, cllm = _collect_and_train(cllm, r.dataset, r.limit, r.options, r.dir, r.train, "round 2 ", say, on_batch)
+        _, cllm = _collect_and_train(cllm, r.collect, r.dir, r.train, "round 2 ", say, on_batch)
     models = {"base": base, "cllm": cllm}
     for name, train in config.variants.items():
         if not (Path(train.run_dir) / "export.json").is_file():
@@ -325,7 +330,7 @@ def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], An
     is kept in RUN_DIR/evaluation/ as it ends, so a killed evaluation resumes at the row it was in and
     a row two reports share is decoded once."""
     from cllm_jax.evaluate import tasks
-    from cllm_jax.evaluate.evaluation import EvalSettings, run_rows, score
+    from cllm_jax.evaluate.evaluation import run_rows, score
     from cllm_jax.evaluate.report import trajectory_panels
 
     evaluation_file = config.run_dir / f"evaluation-{config.report_dir.name}.json"
@@ -334,10 +339,7 @@ def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], An
         return json.loads(evaluation_file.read_text())
     e = config.evaluate
     task = tasks.load_task(e.task, e.dataset, e.limit, models["base"].tokenizer)
-    settings = EvalSettings(max_new_tokens=e.max_new_tokens, block_sizes=tuple(e.block_sizes),
-                            timing_limit=e.timing_limit, batch_size=e.batch_size,
-                            include_transformers=e.include_transformers,
-                            prompt_lookup_num_tokens=e.prompt_lookup_num_tokens)  # fmt: skip
+    settings = e.settings
     from cllm_jax.parallel import decode_mesh
 
     with decode_mesh.using(decode_mesh.mesh_from_text(e.mesh)):
@@ -356,8 +358,8 @@ def evaluate_stage(config: PipelineConfig, models: dict, say: Callable[[str], An
     }
     cllm = models.get("cllm")
     if e.task == "gsm8k" and cllm is not None and cllm.model.adapter is None:
-        evaluation["trajectories"] = trajectory_panels(models["base"], cllm, task.prompts[0], max(e.block_sizes),
-                                                       e.max_new_tokens)
+        evaluation["trajectories"] = trajectory_panels(models["base"], cllm, task.prompts[0],
+                                                       max(settings.block_sizes), settings.max_new_tokens)
     tmp = evaluation_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(evaluation))
     tmp.replace(evaluation_file)  # atomic: a killed evaluation leaves no half file to skip over

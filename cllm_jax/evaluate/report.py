@@ -12,8 +12,8 @@ from cllm_jax.evaluate.plots import plot_method_bars, plot_trajectories, plot_tp
 from cllm_jax.model.interface import family
 from cllm_jax.weights.peft import is_adapter_dir
 
-REPORT_KEYS = ("weights", "prompts", "timed_prompts", "tpf", "tokens_per_second", "speedup", "accuracy",
-               "agreement", "base_nll_ratio", "block_size")
+REPORT_KEYS = ("weights", "method", "verifies_with_base", "prompts", "timed_prompts", "tpf", "tokens_per_second",
+               "speedup", "accuracy", "agreement", "base_nll_ratio", "block_size")
 REPETITION_N = 4  # the n-gram a looping answer repeats: a step of arithmetic, a line of code
 _TASKS = {"gsm8k": ("GSM8K", "accuracy", "correct"), "humaneval": ("HumanEval", "pass@1", "passed")}
 
@@ -121,7 +121,7 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict, 
         "training": {name: training_facts(path, base_bytes) for name, path in trained.items()},
     }
     for run in evaluation["runs"]:
-        report["methods"][run["name"]] |= repetition(run["token_ids"], config.evaluate.max_new_tokens)
+        report["methods"][run["name"]] |= repetition(run["token_ids"], config.evaluate.settings.max_new_tokens)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_generations(out / "generations.jsonl", evaluation, decode)
 
@@ -158,7 +158,7 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict, 
             f"{_fmt(m.get('base_nll_ratio'), '.3f')} | {_fmt(m['distinct_4gram_share'])} | "
             f"{100 * m['at_token_limit']:.0f}% |"
         )
-    lossless = [n for n in names if "lossless" in n]
+    lossless = [n for n in names if methods[n]["verifies_with_base"]]
     if lossless:
         equal = all(methods[n]["agreement"]["generation"] == 1.0 for n in lossless)
         best = max(lossless, key=lambda n: methods[n]["tpf"])
@@ -175,7 +175,7 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict, 
             lines.append(f"| {name} | {'adapter' if f['adapter'] else 'full'} | {f['steps']} | {f['minutes']:.0f} | "
                          f"{f['median_step_s']:.1f} s | {f['export_mb']:.1f} MB | {100 * f['export_share_of_base']:.1f}% "
                          f"| {peak} |")
-    lossy = [n for n in names if methods[n]["weights"] != "base" and "lossless" not in n
+    lossy = [n for n in names if methods[n]["weights"] != "base" and not methods[n]["verifies_with_base"]
              and methods[n]["agreement"]["generation"] < 1.0]
     if lossy:
         lines += [""] + _side_by_side(evaluation, decode, max(lossy, key=lambda n: methods[n]["tpf"] or 0))

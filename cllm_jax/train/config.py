@@ -353,17 +353,21 @@ def config_from_dict(values: dict) -> TrainConfig:
     return _build(TrainConfig, values or {})
 
 
+def read_yaml(path: str | Path, kind: str = "config", sections: str = "") -> dict:
+    """The mapping of sections a YAML file holds (empty: none); whatever is wrong with the file is one
+    line naming it. `kind` names the file in that line, `sections` what a mapping should hold."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {kind} {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections" + (f" ({sections})" if sections else ""))
+    return values
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The TrainConfig of a YAML recipe (None: defaults) with `key=value` overrides applied."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections")
+    values = {} if path is None else read_yaml(path)
     return config_from_dict(apply_overrides(values, list(overrides)))
