@@ -246,6 +246,7 @@ def mesh_worker(directory: str) -> None:
     from cllm_jax.parallel import distributed
     from cllm_jax.parallel import mesh as mesh_lib
     from cllm_jax.train import step as step_lib
+    from cllm_jax.train.config import OptimSection
     from tests.test_train_sharding import run_steps, tiny_setup
 
     model, records, spec = tiny_setup()
@@ -257,7 +258,7 @@ def mesh_worker(directory: str) -> None:
     checkpointer.close()
 
     graphdef = nnx.graphdef(model)
-    tx, schedule = step_lib.make_optimizer(1e-3, 10, warmup_ratio=0.0)
+    tx, schedule = step_lib.make_optimizer(OptimSection(lr=1e-3, warmup_ratio=0.0), 10)
     options = step_lib.StepOptions(shared_target=spec.shared_target)
     from cllm_jax.train.batching import DataSource
 

@@ -13,6 +13,7 @@ from cllm_jax.data.trajectories import TrajectoryRecord
 from cllm_jax.model.llama import Llama
 from cllm_jax.train import losses
 from cllm_jax.train.batching import BatchSpec, DataSource
+from cllm_jax.train.config import LossSection
 from cllm_jax.train.spec import chosen_pairs
 from cllm_jax.train.states import block_loss_mask, pick_states, state_pairs
 from cllm_jax.train.step import StepOptions, micro_loss
@@ -179,8 +180,9 @@ def test_batch_loss_matches_reference_computation(consistency, ar_source):
     graphdef, params = nnx.split(model)
     micro = {k: jnp.asarray(v[0]) for k, v in hb.arrays.items()}
     denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
-    options = StepOptions(consistency=consistency, shared_target=spec.shared_target, remat=False, label_smoothing=0.1)
-    total, (cons, ar) = jax.jit(lambda p: micro_loss(p, graphdef, micro, denoms, options))(params)
+    options = StepOptions(loss=LossSection(consistency=consistency, label_smoothing=0.1),
+                          shared_target=spec.shared_target, remat=False)
+    total, (cons, ar) = jax.jit(lambda p: micro_loss(p, graphdef, micro, denoms, options=options))(params)
 
     sums = np.zeros(4)
     for i, record in enumerate(records):
@@ -205,7 +207,8 @@ def test_shared_target_equals_separate_frozen_target():
         if not shared:
             micro["target_tokens"] = micro["ar_tokens"]
         denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
-        fn = lambda p: micro_loss(p, graphdef, micro, denoms, StepOptions(shared_target=shared, remat=True))  # noqa: E731
+        fn = lambda p: micro_loss(p, graphdef, micro, denoms,  # noqa: E731
+                                  options=StepOptions(shared_target=shared, remat=True))
         results.append(jax.jit(jax.value_and_grad(fn, has_aux=True))(params))
     (loss_a, _), grad_a = results[0]
     (loss_b, _), grad_b = results[1]
@@ -220,7 +223,7 @@ def _loss_and_grad(records, spec, params, graphdef, options, shape):
     arrays = DataSource(records, spec).batch(0, 0, shape).arrays
     micro = {k: jnp.asarray(v[0]) for k, v in arrays.items()}
     denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
-    fn = lambda p: micro_loss(p, graphdef, micro, denoms, options)  # noqa: E731
+    fn = lambda p: micro_loss(p, graphdef, micro, denoms, options=options)  # noqa: E731
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
 
@@ -237,7 +240,8 @@ def test_packed_equals_per_record_for_single_blocks(consistency, ar_source, reci
     for layout in ("per_record", "packed"):
         spec = BatchSpec.of(layout=layout, consistency=consistency, ar_source=ar_source, pad_multiple=16,
                          shuffle=False, **recipe)
-        options = StepOptions(layout=layout, consistency=consistency, shared_target=spec.shared_target)
+        options = StepOptions(loss=LossSection(consistency=consistency), layout=layout,
+                              shared_target=spec.shared_target)
         out[layout] = _loss_and_grad(records, spec, params, graphdef, options, (1, 3))
     (loss_a, terms_a), grad_a = out["per_record"]
     (loss_b, terms_b), grad_b = out["packed"]

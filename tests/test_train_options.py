@@ -18,7 +18,7 @@ from cllm_jax.data.trajectories import TrajectoryRecord
 from cllm_jax.errors import ConfigError
 from cllm_jax.train import losses, states
 from cllm_jax.train.batching import BatchSpec, DataSource
-from cllm_jax.train.config import config_from_dict
+from cllm_jax.train.config import LossSection, config_from_dict
 from cllm_jax.train.packing import pack_records, pack_row, packed_attention_mask
 from cllm_jax.train.spec import ar_weights, chosen_pairs, record_rng
 from cllm_jax.train.step import StepOptions, micro_loss
@@ -266,7 +266,7 @@ def loss_terms(model, records, spec, options=StepOptions(layout="packed", remat=
     denoms = (jnp.sum(micro["cons_mask"]), jnp.sum(micro["ar_weights"]))
     graphdef, params = nnx.split(model)
     base_params = None if base is None else nnx.state(base)
-    total, (cons, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options, base_params=b))(
+    total, (cons, ar) = jax.jit(lambda p, b: micro_loss(p, graphdef, micro, denoms, options=options, base_params=b))(
         params, base_params)
     return micro, float(cons), float(ar), float(total)
 
@@ -295,7 +295,7 @@ def test_distilled_ar_term_equals_separate_forwards_of_both_models():
     base = port(torch_model("llama", seed=4, num_key_value_heads=2))
     records = prompt_records()
     spec = BatchSpec.of(layout="packed", eos_id=EOS, pad_multiple=8, shuffle=False, states_per_block=2)
-    _, cons, ar, _ = loss_terms(student, records, spec, StepOptions(layout="packed", remat=False, ar_target="base"),
+    _, cons, ar, _ = loss_terms(student, records, spec, StepOptions(loss=LossSection(ar_target="base"), layout="packed", remat=False),
                                   base=base)
 
     chain, prompt_len = list(records[-1].teacher_output_ids), records[0].prompt_ids_len
@@ -312,7 +312,7 @@ def test_distilled_ar_term_on_per_record_rows():
     student = port(torch_model("llama", num_key_value_heads=2))
     base = port(torch_model("llama", seed=4, num_key_value_heads=2))
     micro, _, ar, _ = loss_terms(student, prompt_records(), BatchSpec.of(eos_id=EOS, shuffle=False, pad_multiple=8),
-                                   StepOptions(remat=False, ar_target="base"), rows=2, base=base)
+                                   StepOptions(loss=LossSection(ar_target="base"), remat=False), rows=2, base=base)
     total, count = 0.0, 0.0
     for tokens, weights in zip(np.asarray(micro["ar_tokens"]), np.asarray(micro["ar_weights"])):
         log_q = np_log_softmax(np.asarray(_logits(student, jnp.asarray(tokens)), np.float64))
@@ -350,7 +350,7 @@ def test_sparse_vocabulary_projection_equals_the_dense_one():
         return cons + 10 * losses.ar_loss(full, labels, weights, 0.0, denom=denoms[1])
 
     sparse_value, sparse_grad = jax.jit(jax.value_and_grad(
-        lambda p: micro_loss(p, graphdef, micro, denoms, options)[0]))(params)
+        lambda p: micro_loss(p, graphdef, micro, denoms, options=options)[0]))(params)
     dense_value, dense_grad = jax.jit(jax.value_and_grad(dense))(params)
     np.testing.assert_allclose(float(sparse_value), float(dense_value), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(sparse_grad), jax.tree.leaves(dense_grad)):

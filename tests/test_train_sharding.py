@@ -54,10 +54,11 @@ def run_steps(model, records, spec, mesh, steps=2, batch_size=8, grad_accum=2):
     from cllm_jax.parallel import distributed
     from cllm_jax.parallel import mesh as mesh_lib
     from cllm_jax.train import step as step_lib
+    from cllm_jax.train.config import OptimSection
     from cllm_jax.train.batching import DataSource
 
     graphdef, params = nnx.split(model)
-    tx, schedule = step_lib.make_optimizer(1e-3, 10, warmup_ratio=0.0)
+    tx, schedule = step_lib.make_optimizer(OptimSection(lr=1e-3, warmup_ratio=0.0), 10)
     shardings = step_lib.state_shardings(params, tx, mesh)
     state = step_lib.init_state(jax.device_get(params), tx, shardings, seed=0)
     options = step_lib.StepOptions(layout=spec.layout, shared_target=spec.shared_target)

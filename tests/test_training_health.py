@@ -23,11 +23,12 @@ def checkpoint_logits(run_dir, model_dir, step: int) -> np.ndarray:
     from cllm_jax.checkpoint import Checkpointer
     from cllm_jax.parallel import mesh as mesh_lib
     from cllm_jax.train import step as step_lib
+    from cllm_jax.train.config import OptimSection
     from cllm_jax.weights.load import load_model
 
     model = load_model(model_dir).model
     graphdef, params = nnx.split(model)
-    tx, _ = step_lib.make_optimizer(1e-3, 8)
+    tx, _ = step_lib.make_optimizer(OptimSection(lr=1e-3), 8)
     shardings = step_lib.state_shardings(params, tx, mesh_lib.single_device_mesh())
     abstract = step_lib.abstract_state(jax.eval_shape(lambda: params), tx, shardings)
     state, _ = Checkpointer(run_dir / "checkpoints").restore(abstract, step)

@@ -163,11 +163,12 @@ def time_train(config, rows: int, seq: int, remat: str, steps: int) -> dict:
     from flax import nnx
 
     from cllm_jax.model.llama import param_count
+    from cllm_jax.train.config import OptimSection
     from cllm_jax.train.step import make_optimizer
 
     train_config = config.replace(param_dtype="float32")  # parameters and Adam moments stay fp32
     graphdef, params = nnx.split(random_model(train_config))
-    tx, _ = make_optimizer(1e-5, 100)
+    tx, _ = make_optimizer(OptimSection(lr=1e-5), 100)
     opt_state = jax.jit(tx.init)(params)
     positions = jnp.broadcast_to(jnp.arange(seq), (rows, seq))
 

@@ -78,6 +78,7 @@ def measure(layout: str, mesh_shape, args) -> dict:
     from cllm_jax.parallel import mesh as mesh_lib
     from cllm_jax.train import step as step_lib
     from cllm_jax.train.batching import BatchSpec, DataSource
+    from cllm_jax.train.config import OptimSection
     from cllm_jax.weights.load import load_model
 
     model = load_model(None, dtype=args.dtype).model
@@ -88,7 +89,7 @@ def measure(layout: str, mesh_shape, args) -> dict:
     mesh = mesh_lib.single_device_mesh() if mesh_shape is None else mesh_lib.make_mesh(*mesh_shape)
     batch_size = max(args.batch_size, mesh_lib.batch_divisor(mesh))
     graphdef, params = nnx.split(model)
-    tx, schedule = step_lib.make_optimizer(2e-5, 100)
+    tx, schedule = step_lib.make_optimizer(OptimSection(lr=2e-5), 100)
     shardings = step_lib.state_shardings(params, tx, mesh)
     state = step_lib.init_state(jax.device_get(params), tx, shardings)
     del params, model

@@ -150,9 +150,7 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
     steps_per_epoch = math.ceil(len(data) / per_step)
     total = config.optim.max_steps or steps_per_epoch * config.optim.epochs
     o = config.optim
-    tx, schedule = step_lib.make_optimizer(o.lr, total, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
-                                           min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, b1=o.b1,
-                                           b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
+    tx, schedule = step_lib.make_optimizer(o, total)
     adapter_config = config.adapter_config()
     frozen = None
     if adapter_config is not None:  # only the adapter trains: the base weights come in frozen
@@ -251,10 +249,7 @@ def _position(step: int, steps_per_epoch: int, per_step: int) -> tuple[int, int]
 
 
 def _step_options(config: TrainConfig, spec: BatchSpec) -> step_lib.StepOptions:
-    return step_lib.StepOptions(layout=spec.layout, consistency=spec.consistency, distance=config.loss.distance,
-                                ar_weight=config.loss.ar_weight, label_smoothing=config.loss.label_smoothing,
-                                ar_target=config.loss.ar_target,
-                                shared_target=spec.shared_target, remat=config.model.remat,
+    return step_lib.StepOptions(loss=config.loss, layout=spec.layout, shared_target=spec.shared_target, remat=config.model.remat,
                                 gated=bool(config.adapter.rank and config.adapter.gated),
                                 dropout=bool(config.adapter.rank and config.adapter.dropout > 0),
                                 objective="placeholder" if config.drafter.placeholders else "consistency",

@@ -26,6 +26,7 @@ from flax import nnx
 
 from cllm_jax.parallel import mesh as mesh_lib
 from cllm_jax.train import drafter, losses
+from cllm_jax.train.config import LossSection, OptimSection
 from cllm_jax.train.packing import packed_attention_mask
 
 
@@ -40,14 +41,11 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """Static (hashable) settings of the loss computation."""
+    """Static (hashable) settings of the loss computation: the config's loss section, and what the batch
+    layout, the model and the adapter decide."""
 
+    loss: LossSection = LossSection()
     layout: str = "per_record"
-    consistency: str = "global"
-    distance: str = "forward_kl"
-    ar_weight: float = 10.0
-    label_smoothing: float = 0.0
-    ar_target: str = "tokens"  # tokens: cross-entropy on the fixed point | base: the base model's distributions
     shared_target: bool = True
     remat: bool | str = True  # none | dots | full, True/False = full/none (cllm_jax.model.layers.rematerialize)
     gated: bool = False  # an adapter on the noisy blocks only (packed layout): see micro_loss
@@ -61,16 +59,17 @@ class StepOptions:
         return drafter.TERMS if self.objective == "placeholder" else ("loss_consistency", "loss_ar")
 
 
-def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, schedule: str = "cosine",
-                   min_lr_ratio: float = 0.0, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, clip_norm: float = 1.0):
-    """(AdamW with clipping, its learning-rate schedule): linear warm-up, then cosine/linear/constant.
+def make_optimizer(optim: OptimSection, total_steps: int):
+    """(AdamW with clipping, its learning-rate schedule): linear warm-up, then cosine/linear/constant,
+    as the config's optim section says (its defaults are the optimizer's).
 
     Warm-up lasts ceil(warmup_ratio * total_steps) steps, as in transformers. Norms and biases get no
     weight decay.
     """
+    o = optim
+    lr, schedule, min_lr_ratio, clip_norm = o.lr, o.schedule, o.min_lr_ratio, o.clip_norm
     total_steps = max(int(total_steps), 1)
-    warmup = min(math.ceil(warmup_ratio * total_steps), total_steps - 1) if total_steps > 1 else 0
+    warmup = min(math.ceil(o.warmup_ratio * total_steps), total_steps - 1) if total_steps > 1 else 0
     end = lr * min_lr_ratio
     decay = [optax.constant_schedule(lr) if schedule == "constant"
              else optax.linear_schedule(lr, end, total_steps - warmup) if schedule == "linear"
@@ -82,7 +81,7 @@ def make_optimizer(lr: float, total_steps: int, *, warmup_ratio: float = 0.03, s
         return jax.tree_util.tree_map_with_path(
             lambda path, _: not mesh_lib.param_name(path).endswith(("norm", "bias")), params)
 
-    adamw = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    adamw = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw
     return tx, sched
 
@@ -108,7 +107,7 @@ def _base_logits(graphdef, base_params, micro: dict, options: StepOptions, mesh,
     return base.logits(_hidden(base, micro["ar_tokens"], mesh, False))
 
 
-def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOptions, mesh=None, base_params=None,
+def micro_loss(params, graphdef, micro: dict, denoms: tuple, *, options: StepOptions, mesh=None, base_params=None,
                frozen=None, rng=None):
     """(total loss, (consistency, ar)) of one micro-batch; both terms divided by global counts.
 
@@ -144,19 +143,20 @@ def micro_loss(params, graphdef, micro: dict, denoms: tuple, options: StepOption
                                                         index))
     ar_logits = mesh_lib.constrain(ar_logits, mesh, ("batch", "length", "act_vocab"))
     target_logits = jax.lax.stop_gradient(target_logits)
-    cons = losses.consistency_loss(student_logits, target_logits, micro["cons_mask"], options.distance,
+    cons = losses.consistency_loss(student_logits, target_logits, micro["cons_mask"], options.loss.distance,
                                    denom=cons_denom)
     if options.gated:
         greedy = jnp.argmax(target_logits, axis=-1)
-        ar = losses.ar_loss(student_logits, greedy, micro["cons_mask"], options.label_smoothing, denom=cons_denom)
-    elif options.ar_target == "base":
+        ar = losses.ar_loss(student_logits, greedy, micro["cons_mask"], options.loss.label_smoothing,
+                            denom=cons_denom)
+    elif options.loss.ar_target == "base":
         # Distillation, meant to keep the order of the base's near-ties where one-hot labels do not.
         base_logits = _base_logits(graphdef, base_params, micro, options, mesh, mask)
         ar = losses.consistency_loss(ar_logits, base_logits, micro["ar_weights"], "forward_kl", denom=ar_denom)
     else:
-        ar = losses.ar_loss(ar_logits, micro["ar_labels"], micro["ar_weights"], options.label_smoothing,
+        ar = losses.ar_loss(ar_logits, micro["ar_labels"], micro["ar_weights"], options.loss.label_smoothing,
                             denom=ar_denom)
-    return cons + options.ar_weight * ar, (cons, ar)
+    return cons + options.loss.ar_weight * ar, (cons, ar)
 
 
 def train_step(graphdef, state: TrainState, batch: dict, frozen=None, base_params=None, *, tx, schedule,
@@ -164,7 +164,7 @@ def train_step(graphdef, state: TrainState, batch: dict, frozen=None, base_param
     """One optimizer step over a [grad_accum, batch, ...] batch. Pure; jit it with `compile_train_step`.
 
     frozen: the base weights when only an adapter trains (state.params is the adapter), else None.
-    base_params: the base model's parameters when options.ar_target == "base", else None."""
+    base_params: the base model's parameters when options.loss.ar_target == "base", else None."""
     if options.objective == "placeholder":
         denoms = drafter.denominators(batch)
 
@@ -178,7 +178,8 @@ def train_step(graphdef, state: TrainState, batch: dict, frozen=None, base_param
         denoms = (jnp.round(jnp.sum(batch["cons_mask"])), jnp.sum(batch["ar_weights"]))
 
         def loss(params, micro, rng):
-            return micro_loss(params, graphdef, micro, denoms, options, mesh, base_params, frozen, rng)
+            return micro_loss(params, graphdef, micro, denoms, options=options, mesh=mesh, base_params=base_params,
+                              frozen=frozen, rng=rng)
         counts = {"consistency_tokens": denoms[0], "ar_tokens": denoms[1]}
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     step_key = jax.random.wrap_key_data(state.rng)
@@ -251,12 +252,12 @@ def compile_train_step(graphdef, tx, schedule, options: StepOptions, mesh, shard
                        batch_ndims: dict[str, int], frozen_shardings=None):
     """jax.jit(train_step) with explicit in/out shardings and the state donated: (state, batch) ->
     (state, metrics), then `frozen` (the base weights under an adapter: frozen_shardings given) and
-    `base_params` (options.ar_target == "base") as further arguments where they are used."""
+    `base_params` (options.loss.ar_target == "base") as further arguments where they are used."""
     fn = functools.partial(train_step, graphdef, tx=tx, schedule=schedule, options=options, mesh=mesh,
                            grad_shardings=shardings.params)
     batch_sh = {k: mesh_lib.batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
     extra = [frozen_shardings] if frozen_shardings is not None else []
-    if options.ar_target == "base":
+    if options.loss.ar_target == "base":
         extra = [frozen_shardings, shardings.params]
     return jax.jit(fn, in_shardings=(shardings, batch_sh, *extra),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
