@@ -16,7 +16,7 @@ from cllm_jax.data.collect import CollectOptions, records_for
 from cllm_jax.decode.engine import Decoder, summarize
 from cllm_jax.model import adapter as adapter_lib
 from cllm_jax.train.config import config_from_dict
-from cllm_jax.train.drafter import DrafterSpec, drafter_row, layout
+from cllm_jax.train.drafter import DrafterSpec, drafter_row, forward
 from cllm_jax.train.loop import run
 from cllm_jax.weights.peft import load_adapter
 from tests.test_placeholder import with_random_drafter
@@ -33,9 +33,8 @@ def test_many_anchors_in_one_row_equal_one_plain_forward_per_anchor():
                        seed=0, shuffle=False)
     row = drafter_row(text, 12, np.random.default_rng(0), spec)
     micro = {k: jnp.asarray(v)[None] for k, v in row.items()}
-    tokens, positions, mask, gate = layout(micro, vocab)
-    hidden, _ = model(tokens, positions, mask=mask, adapter_gate=gate)
-    drafts = np.asarray(model.logits(hidden[0, len(text):]))
+    text_hidden, draft_hidden = forward(model, micro)
+    drafts = np.asarray(model.logits(draft_hidden[0]))
     for group, anchor in enumerate(np.unique(row["anchor"])):
         plain_tokens = jnp.asarray([text[: anchor + 1] + [vocab + j for j in range(K)]])
         plain_gate = (plain_tokens >= vocab).astype(jnp.float32)
@@ -48,7 +47,7 @@ def test_many_anchors_in_one_row_equal_one_plain_forward_per_anchor():
     # The text's own hidden states are the base model's: the gate is off on every text token.
     base = port(torch_model("llama", num_key_value_heads=2))
     plain_text, _ = base(jnp.asarray([text]), jnp.arange(len(text))[None])
-    np.testing.assert_allclose(np.asarray(hidden[0, : len(text)]), np.asarray(plain_text[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(text_hidden[0]), np.asarray(plain_text[0]), atol=1e-5)
 
 
 def _ar_records(model, prompts, budget):

@@ -240,6 +240,8 @@ class TrainConfig:
         if d.placeholders and not self.adapter.rank:
             raise ConfigError("drafter.placeholders trains a placeholder drafter, which is an adapter: set adapter.rank "
                               "(e.g. adapter.rank=16)")
+        if d.placeholders and self.adapter.dropout:
+            raise ConfigError("drafter.placeholders trains without adapter dropout: set adapter.dropout=0")
         if d.placeholders and self.adapter.gated:
             raise ConfigError("drafter.placeholders gates the adapter on its placeholders already: drop adapter.gated")
 

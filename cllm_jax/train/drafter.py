@@ -11,8 +11,9 @@ predicts t + 1 in the same pass). Training lays many anchors of one sequence int
                anchor and the placeholders of its own group up to itself
     gate       on for the placeholders only, so the text is the base model's own forward pass
 
-so one forward pass trains A * k draft predictions, and the text's hidden states in the same pass
-are the base model's (the distillation target, `target: base`). The loss weighs draft position j by
+so one pass over a row trains A * k draft predictions, and the text's hidden states are the base
+model's (the distillation target, `target: base`). `forward` runs it as two passes, the text's
+outside the gradient. The loss weighs draft position j by
 decay^j: a pass accepts draft j only if drafts 0 .. j - 1 were right, so early positions decide.
 
 The data are the records' complete generations (one per prompt): the fixed points of Jacobi
@@ -31,6 +32,7 @@ from flax import nnx
 
 from cllm_jax.data.records import TrajectoryRecord
 from cllm_jax.errors import DataError
+from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.train import losses
 from cllm_jax.train.spec import record_rng, round_up, stack_rows
 
@@ -133,35 +135,42 @@ def denominators(batch: dict) -> jax.Array:
     return jnp.sum(batch["weights"]), jnp.sum(jnp.where(batch["draft_index"] == 0, batch["weights"], 0.0))
 
 
-def layout(micro: dict, vocab_size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(tokens [B, T + P], positions, mask [B, T + P, T + P], gate [B, T + P]) of a micro-batch's rows."""
+def forward(model, micro: dict, remat=False) -> tuple[jax.Array, jax.Array]:
+    """(the text's hidden states [B, T, D], the placeholders' [B, P, D]) of a micro-batch's rows.
+
+    Two passes, so that only the placeholders are differentiated: the text through the base model
+    alone (gate off) into a KV cache, outside the gradient; then the placeholders attending to it and
+    to their own group, their K/V in the slots after the text. One pass over [text, placeholders]
+    computes the same, but its backward pass would run over the text too.
+    """
     text, anchor, group, j = micro["text"], micro["anchor"], micro["group"], micro["draft_index"]
     batch, time = text.shape
     places = anchor.shape[1]
-    tokens = jnp.concatenate([text, vocab_size + j], axis=1)
-    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(time), (batch, time)), anchor + 1 + j], axis=1)
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((time, time), bool)), (batch, time, time))
-    text_rows = jnp.concatenate([causal, jnp.zeros((batch, time, places), bool)], axis=2)
+    cache = KVCache.zeros(model.config, batch, time + places)
+    positions = jnp.broadcast_to(jnp.arange(time), (batch, time))
+    text_hidden, cache = model(text, positions, cache, adapter_gate=jnp.zeros((batch, time)))
+    text_hidden, cache = jax.lax.stop_gradient((text_hidden, cache))
     sees_text = jnp.arange(time)[None, None, :] <= anchor[:, :, None]
     own_group = (group[:, :, None] == group[:, None, :]) & (j[:, None, :] <= j[:, :, None]) & (group[:, :, None] > 0)
-    placeholder_rows = jnp.concatenate([sees_text, own_group], axis=2)
-    mask = jnp.concatenate([text_rows, placeholder_rows], axis=1)
-    gate = jnp.concatenate([jnp.zeros((batch, time)), jnp.ones((batch, places))], axis=1)
-    return tokens, positions, mask, gate
+    mask = jnp.concatenate([sees_text, own_group | jnp.eye(places, dtype=bool)], axis=2)  # padding sees itself
+    slots = jnp.broadcast_to(time + jnp.arange(places), (batch, places))
+    draft_hidden, _ = model(model.config.vocab_size + j, anchor + 1 + j, cache, mask=mask, remat=remat, slots=slots,
+                            adapter_gate=jnp.ones((batch, places)))
+    return text_hidden, draft_hidden
 
 
 def micro_loss(params, graphdef, micro: dict, denoms: tuple, target: str, remat, frozen, rng=None):
     """(loss, (weighted draft loss, first-position loss)) of one micro-batch; divided by global weights."""
+    del rng  # no adapter dropout in this objective (its config refuses it)
     model = nnx.merge(graphdef, params, frozen)
-    tokens, positions, mask, gate = layout(micro, model.config.vocab_size)
-    hidden, _ = model(tokens, positions, mask=mask, remat=remat, adapter_gate=gate, adapter_rng=rng)
+    text_hidden, draft_hidden = forward(model, micro, remat)
     time = micro["text"].shape[1]
-    draft_logits = model.logits(hidden[:, time:])
+    draft_logits = model.logits(draft_hidden)
     weights = micro["weights"]
     first = jnp.where(micro["draft_index"] == 0, weights, 0.0)
     if target == "base":  # the base model's own distribution of the same token: the text's hidden states
         at = jnp.minimum(micro["anchor"] + 1 + micro["draft_index"], time - 1)
-        teacher = jax.lax.stop_gradient(model.logits(jnp.take_along_axis(hidden, at[..., None], axis=1)))
+        teacher = model.logits(jnp.take_along_axis(text_hidden, at[..., None], axis=1))
         draft = losses.consistency_loss(draft_logits, teacher, weights, "forward_kl", denom=denoms[0])
         first_loss = losses.consistency_loss(draft_logits, teacher, first, "forward_kl", denom=denoms[1])
     else:
