@@ -47,7 +47,8 @@ def worker(args) -> list[dict]:
     for size in (int(s) for s in args.sizes.split(",")):
         if size > jax.device_count():
             continue
-        model = Llama(config, rngs=nnx.Rngs(0))
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):  # as decode.py --mesh loads: on the host
+            model = Llama(config, rngs=nnx.Rngs(0))
         shape = (1, size) if args.axis == "tensor" else (size, 1)
         mesh = decode_mesh.make_decode_mesh(*shape, devices=jax.devices()[:size])
         decoder = Decoder(model, "ar", batch_size=args.batch, mesh=mesh, max_new_tokens=args.new_tokens)
