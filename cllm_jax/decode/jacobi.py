@@ -26,7 +26,7 @@ from cllm_jax.decode.guess import next_guess
 from cllm_jax.decode.options import JacobiOptions, option
 from cllm_jax.decode.prefill import prefill
 from cllm_jax.decode.sampling import choose_tokens
-from cllm_jax.decode.state import DecodeOutput, Progress, commit, start_progress
+from cllm_jax.decode.state import DecodeOutput, Int, Progress, commit, start_progress
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.interface import CausalLM
 
@@ -61,14 +61,14 @@ def begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options: 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _State:
-    cache: KVCache
+    cache: KVCache  # [L, B, S, KV, D]
     progress: Progress
-    block: jax.Array  # [B, n] current state of each row's block; block[:, 0] is final
-    iteration: jax.Array  # [B] iterations spent on the current block
-    last_change: jax.Array  # [B, n]
-    step: jax.Array
-    trajectory: jax.Array | None  # [B, max_blocks, n + 1, n]
-    trajectory_states: jax.Array | None  # [B, max_blocks]
+    block: Int["B n"]  # the current state of each row's block; block[:, 0] is final
+    iteration: Int["B"]  # iterations spent on the current block
+    last_change: Int["B n"]  # the iteration that last changed each slot
+    step: Int[""]
+    trajectory: Int["B max_blocks n+1 n"] | None  # recording only: every state of every block
+    trajectory_states: Int["B max_blocks"] | None  # states recorded per block
 
 
 def _record(state_trajectory, states, block, progress: Progress, index, rows):

@@ -7,12 +7,28 @@ or at the budget while the others go on (a finished row's later passes change no
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 
 from cllm_jax.decode.options import DecodeOptions
 from cllm_jax.model.kv_cache import KVCache
+
+
+class _Typed:
+    """`Int["B n"]`: a jax.Array of this dtype with the named dimensions (B rows, n the block, ...), the
+    way a loop state types its fields so that a reader (and a type checker) sees the shape in the type;
+    nothing is checked while the loop runs."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+    def __getitem__(self, shape: str):
+        return Annotated[jax.Array, self.dtype, shape]
+
+
+Int, Bool = _Typed("int32"), _Typed("bool")
 
 
 @jax.tree_util.register_dataclass
@@ -38,13 +54,13 @@ class DecodeOutput:
 class Progress:
     """Per-row output and counters of the Jacobi methods."""
 
-    generated: jax.Array  # [B, max_new + window]: room for a whole window past the budget
-    lengths: jax.Array
-    done: jax.Array
-    passes: jax.Array
-    blocks: jax.Array
-    fast_forwarded: jax.Array
-    stationary: jax.Array
+    generated: Int["B max_new+room"]  # room: a whole window may be written past the budget
+    lengths: Int["B"]  # tokens generated, the EOS included
+    done: Bool["B"]  # at its EOS or its budget
+    passes: Int["B"]  # forward passes, the prefill's included
+    blocks: Int["B"]
+    fast_forwarded: Int["B"]
+    stationary: Int["B"]
 
 
 def start_progress(first: jax.Array, options: DecodeOptions, room: int) -> Progress:
