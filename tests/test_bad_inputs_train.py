@@ -279,7 +279,7 @@ CASES = [  # (case, exit status, the one stderr line)
                               r"\(valid: .*\blimit\b"),
     (no_trajectories, 1, r"error: data\.trajectories is empty: give the collection directories"),
     (negative_lr, 1, r"error: optim\.lr must be at least 0, got -0\.001$"),
-    (nan_lr, 1, r"error: optim\.lr must be at least 0, got nan$"),
+    (nan_lr, 1, r"error: optim\.lr must be a finite number, got nan$"),
     (gated_without_adapter, 1, r"error: adapter\.gated is set but adapter\.rank is 0 \(full fine-tuning, no "
                                r"adapter\): set adapter\.rank \(e\.g\. 16\) or drop adapter\.gated$"),
     (targets_without_adapter, 1, r"error: adapter\.targets is set but adapter\.rank is 0"),

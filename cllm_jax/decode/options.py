@@ -25,9 +25,10 @@ class OptionError(ConfigError):
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
-           at_most: float | None = None, above: float | None = None) -> Any:
+           at_most: float | None = None, above: float | None = None, below: float | None = None) -> Any:
     """A dataclass field carrying its help and valid range (checked by Options.__post_init__)."""
-    meta = {"help": help, "choices": choices, "at_least": at_least, "at_most": at_most, "above": above}
+    meta = {"help": help, "choices": choices, "at_least": at_least, "at_most": at_most, "above": above,
+            "below": below}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -46,18 +47,20 @@ def check_value(name: str, value: Any, meta: dict) -> None:
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise OptionError(name, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    bounds = [meta.get(k) for k in ("at_least", "at_most", "above")]
+    bounds = [meta.get(k) for k in ("at_least", "at_most", "above", "below")]
     if value is None or all(b is None for b in bounds):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise OptionError(name, f"must be a finite number, got {value!r}")
-    low, high, above = bounds
+    low, high, above, below = bounds
     if low is not None and value < low:
         raise OptionError(name, f"must be at least {_number(low)}, got {_number(value)}")
     if high is not None and value > high:
         raise OptionError(name, f"must be at most {_number(high)}, got {_number(value)}")
     if above is not None and value <= above:
         raise OptionError(name, f"must be above {_number(above)}, got {_number(value)}")
+    if below is not None and value >= below:
+        raise OptionError(name, f"must be below {_number(below)}, got {_number(value)}")
 
 
 def _number(value: float) -> str:

@@ -10,7 +10,6 @@ written to every run directory as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from pathlib import Path
@@ -18,13 +17,15 @@ from typing import Any
 
 import yaml
 
+from cllm_jax.decode.options import OptionError, check_value, option
 from cllm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     path: str | None = None  # HF directory, .gguf file, or null for the built-in SmolLM2
-    dtype: str = "float32"  # compute dtype of matmuls (parameters always stay float32)
+    dtype: str = option("float32", "compute dtype of matmuls (parameters always stay float32)",
+                        choices=("float32", "bfloat16", "float16"))
     # Rematerialization of each decoder layer in the backward pass: none | dots (keep matmul results,
     # recompute the rest) | full (keep only layer inputs); true/false are the old spelling of full/none.
     remat: Any = True  # str or bool: typed Any because the YAML reader takes one type per key
@@ -48,58 +49,71 @@ class ModelSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
     trajectories: tuple[str, ...] = ()  # collection directories or .jsonl/.json trajectory files
-    layout: str = "per_record"  # per_record (the reference) | packed (Jacobi Forcing style)
-    ar_source: str = "teacher"  # teacher (prefix + fixed point) | labels (ground truth)
-    max_seq_len: int = 1024  # longer inputs lose the oldest prefix tokens (never the block)
-    pad_multiple: int = 64  # pad lengths up to a multiple of this (fewer recompilations)
+    layout: str = option("per_record", "per_record (the reference) | packed (Jacobi Forcing style)",
+                         choices=("per_record", "packed"))
+    ar_source: str = option("teacher", "teacher (prefix + fixed point) | labels (ground truth)",
+                            choices=("teacher", "labels"))
+    max_seq_len: int = option(1024, "longer inputs lose the oldest prefix tokens (never the block)", at_least=1)
+    pad_multiple: int = option(64, "pad lengths up to a multiple of this (fewer recompilations)", at_least=1)
     shuffle: bool = True
     seed: int = 0  # data order and the per-record choice of the trajectory state
     eos_id: int | None = None  # null: the model's; -1: do not mask positions after EOS
     # Which trajectory states train (cllm_jax/train/states.py). Defaults: Jacobi Forcing's, but the
     # clean context; the reference (today's recipe): noise_schedule=uniform, states_per_block=1.
-    states_per_block: int = 1  # noisy states per block in one packed row (each costs n tokens); packed only
-    noise_schedule: str = "progressive"  # uniform (reference) | progressive (JF) | reverse | random
-    noise_window: int = 16  # w: block k aims at noise target k mod w of linspace(noise_min, noise_max, w)
-    noise_min: float = 0.0  # noise of a state = (n - first mismatch with the fixed point) / n
-    noise_max: float = 1.0
+    states_per_block: int = option(1, "noisy states per block in one packed row (each costs n tokens); packed "
+                                   "only", at_least=1)
+    noise_schedule: str = option("progressive", "uniform (reference) | progressive (JF) | reverse | random",
+                                 choices=("uniform", "progressive", "reverse", "random"))
+    noise_window: int = option(16, "w: block k aims at noise target k mod w of linspace(noise_min, noise_max, w)",
+                               at_least=1)
+    noise_min: float = option(0.0, "noise of a state = (n - first mismatch with the fixed point) / n", at_least=0.0,
+                              at_most=1.0)
+    noise_max: float = option(1.0, "the highest noise target", at_least=0.0, at_most=1.0)
     # packed: clean (reference: a noisy block sees the converged blocks before it) | noisy (JF: it sees
     # the noisy blocks before it). Default clean: what fixed-block and rolling decoding see (noisy
     # context lowered TPF in the ablation, reports/ablation_gsm8k).
-    context: str = "clean"
+    context: str = option("clean", "what a noisy block of a packed row sees", choices=("noisy", "clean"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSection:
-    consistency: str = "global"  # global (target on y*) | local (target on the next state)
-    distance: str = "forward_kl"  # forward_kl (reference soft CE) | reverse_kl | js
-    ar_weight: float = 10.0
-    label_smoothing: float = 0.0  # 0: off (Jacobi Forcing); the reference uses 0.1
+    consistency: str = option("global", "global (target on y*) | local (target on the next state)",
+                              choices=("global", "local"))
+    distance: str = option("forward_kl", "forward_kl (reference soft CE) | reverse_kl | js",
+                           choices=("forward_kl", "reverse_kl", "js"))
+    ar_weight: float = option(10.0, "the AR term's weight beside the consistency term", at_least=0.0)
+    label_smoothing: float = option(0.0, "0: off (Jacobi Forcing); the reference uses 0.1", at_least=0.0, below=1.0)
     # tokens: cross-entropy on the fixed point's tokens (reference, Jacobi Forcing) | base: soft
     # cross-entropy to the frozen base model's distributions there (distillation; one more forward)
-    ar_target: str = "tokens"
+    ar_target: str = option("tokens", "tokens | base: the AR term's target", choices=("tokens", "base"))
     # Defaults: Jacobi Forcing's loss; the reference (today's recipe): ar_on_prompt=true,
     # ar_after_eos=true, consistency_norm=tokens, student_eos_pads=true, label_smoothing=0.1.
     ar_on_prompt: bool = False  # AR targets on the prompt too (the reference; ~87% of its AR gradient)
     ar_after_eos: bool = False  # AR targets after the generation's first EOS too (the reference)
-    consistency_norm: str = "blocks"  # blocks: per-block mean from first mismatch + 1, then over blocks | tokens
+    consistency_norm: str = option("blocks", "blocks: per-block mean from first mismatch + 1, then over blocks | "
+                                   "tokens", choices=("tokens", "blocks"))
     student_eos_pads: bool = False  # true: a student's tokens after its own EOS leave the loss (reference)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimSection:
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | linear | constant (all after linear warm-up)
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    clip_norm: float = 1.0  # global gradient norm; 0 disables
-    batch_size: int = 1  # examples per micro-batch, over all processes
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (the schedule follows it)
+    lr: float = option(2e-5, "the peak learning rate", at_least=0.0)
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay (norms and biases: none)", at_least=0.0,
+                                 at_most=1.0)
+    b1: float = option(0.9, "Adam's first-moment decay", at_least=0.0, at_most=0.999999)
+    b2: float = option(0.999, "Adam's second-moment decay", at_least=0.0, at_most=0.999999)
+    eps: float = option(1e-8, "Adam's epsilon", above=0.0, at_most=1.0)
+    schedule: str = option("cosine", "cosine | linear | constant (all after linear warm-up)",
+                           choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = option(0.03, "the share of steps warming up linearly from 0", at_least=0.0, below=1.0)
+    min_lr_ratio: float = option(0.0, "the schedule's last learning rate, as a share of lr", at_least=0.0,
+                                 at_most=1.0)
+    clip_norm: float = option(1.0, "global gradient norm; 0 disables", at_least=0.0)
+    batch_size: int = option(1, "examples per micro-batch, over all processes", at_least=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
+    epochs: int = option(1, "passes over the trajectories", at_least=1)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (the schedule follows it; null: the "
+                                   "epochs decide)", at_least=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,7 +121,7 @@ class AdapterSection:
     """A low-rank adapter instead of full fine-tuning (rank 0: off). The base weights stay frozen and
     never enter the optimizer or the checkpoints; the export is the adapter in the PEFT layout."""
 
-    rank: int = 0
+    rank: int = option(0, "the adapter's rank (0: full fine-tuning)", at_least=0, at_most=4096)
     alpha: float = 32.0
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     dropout: float = 0.0
@@ -146,8 +160,8 @@ class DistributedSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
-    every: int = 200  # optimizer steps between checkpoints (the last step is always saved)
-    keep: int = 2
+    every: int = option(200, "optimizer steps between checkpoints (the last step is always saved)", at_least=1)
+    keep: int = option(2, "checkpoints kept", at_least=1)
     asynchronous: bool = True
 
 
@@ -174,44 +188,13 @@ class TrainConfig:
     log: LogSection = LogSection()
 
     def __post_init__(self):
-        choices = {
-            "data.layout": (self.data.layout, ("per_record", "packed")),
-            "data.ar_source": (self.data.ar_source, ("teacher", "labels")),
-            "loss.consistency": (self.loss.consistency, ("global", "local")),
-            "loss.distance": (self.loss.distance, ("forward_kl", "reverse_kl", "js")),
-            "loss.ar_target": (self.loss.ar_target, ("tokens", "base")),
-            "loss.consistency_norm": (self.loss.consistency_norm, ("tokens", "blocks")),
-            "data.noise_schedule": (self.data.noise_schedule, ("uniform", "progressive", "reverse", "random")),
-            "data.context": (self.data.context, ("noisy", "clean")),
-            "optim.schedule": (self.optim.schedule, ("cosine", "linear", "constant")),
-            "model.dtype": (self.model.dtype, ("float32", "bfloat16", "float16")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-        positive = {"optim.batch_size": self.optim.batch_size, "optim.grad_accum": self.optim.grad_accum,
-                    "optim.epochs": self.optim.epochs, "checkpoint.every": self.checkpoint.every,
-                    "checkpoint.keep": self.checkpoint.keep, "data.pad_multiple": self.data.pad_multiple,
-                    "data.max_seq_len": self.data.max_seq_len,
-                    "data.states_per_block": self.data.states_per_block, "data.noise_window": self.data.noise_window}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        if not 0 <= self.optim.warmup_ratio < 1 or not 0 <= self.loss.label_smoothing < 1:
-            raise ConfigError("optim.warmup_ratio and loss.label_smoothing must lie in [0, 1)")
-        o = self.optim
-        ranges = {  # key: (value, lowest, highest, lowest excluded)
-            "optim.lr": (o.lr, 0.0, math.inf, False), "optim.weight_decay": (o.weight_decay, 0.0, 1.0, False),
-            "optim.b1": (o.b1, 0.0, 0.999999, False), "optim.b2": (o.b2, 0.0, 0.999999, False),
-            "optim.eps": (o.eps, 0.0, 1.0, True), "optim.clip_norm": (o.clip_norm, 0.0, math.inf, False),
-            "optim.min_lr_ratio": (o.min_lr_ratio, 0.0, 1.0, False), "loss.ar_weight": (self.loss.ar_weight, 0.0,
-            math.inf, False), "data.noise_min": (self.data.noise_min, 0.0, 1.0, False),
-            "data.noise_max": (self.data.noise_max, 0.0, 1.0, False), "adapter.rank": (self.adapter.rank, 0, 4096, False),
-        }  # fmt: skip
-        for key, (value, low, high, open_low) in ranges.items():
-            if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
-                where = f"{'above' if open_low else 'at least'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
-                raise ConfigError(f"{key} must be {where}, got {value!r}")
+        for section in dataclasses.fields(self):  # every key against the range declared beside it
+            values = getattr(self, section.name)
+            for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+                try:
+                    check_value(field.name, getattr(values, field.name), dict(field.metadata))
+                except OptionError as error:
+                    raise ConfigError(f"{section.name}.{error.name} {error.problem}") from None
         if self.data.layout == "per_record" and self.data.states_per_block != 1:
             raise ConfigError(f"data.states_per_block={self.data.states_per_block} needs data.layout=packed "
                               f"(a per-record row holds one state)")
@@ -220,8 +203,6 @@ class TrainConfig:
                               "has no noisy context of its own); use data.context=clean")
         if self.data.noise_min > self.data.noise_max:
             raise ConfigError(f"data.noise_min={self.data.noise_min} is above data.noise_max={self.data.noise_max}")
-        if o.max_steps is not None and o.max_steps < 1:
-            raise ConfigError(f"optim.max_steps must be >= 1 (or null: the epochs decide), got {o.max_steps}")
         if self.adapter.rank:
             self._check_adapter()
         else:  # without an adapter its other keys would be ignored: a run that is not the one asked for
