@@ -363,7 +363,7 @@ def test_two_processes_collect_shards_that_merge_into_the_one_device_file(collec
 
 # --- two processes ------------------------------------------------------------------------------
 
-MULTIHOST = [("lossless-rows", True)]  # (method group, sampled), batch 8, with EOS: the adapter and the noise
+MULTIHOST = [("jacobi-rolling", True)]  # (method group, sampled), batch 8, with EOS
 
 
 def multihost_worker(process_id: int, port: int) -> dict:
