@@ -236,8 +236,8 @@ def per_device_bytes(model, rows: int, length: int, mesh) -> tuple[int, int]:
     """(weights, KV cache) bytes each device holds on `mesh` (a Mesh or anything with .shape)."""
     state = nnx.state(model)
     specs, _ = param_placement(state, mesh, model.config)
-    weights = sum(_shard_bytes(a.shape, a.dtype.itemsize, s, mesh)
-                  for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))))
+    specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    weights = sum(_shard_bytes(a.shape, a.dtype.itemsize, s, mesh) for a, s in zip(jax.tree.leaves(state), specs))
     config = model.config
     spec, _ = cache_specs(config, rows, length, mesh)
     one = (config.num_layers, rows, length, config.num_kv_heads, config.head_dim)
