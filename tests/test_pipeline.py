@@ -30,7 +30,7 @@ def test_pipeline_runs_resumes_and_reports(tmp_path):
     for name, m in methods.items():
         assert set(m) == {"weights", "method", "verifies_with_base", "prompts", "timed_prompts", "tpf",
                           "tokens_per_second", "speedup", "accuracy", "agreement", "base_nll_ratio", "block_size",
-                          "distinct_4gram_share", "at_token_limit"}
+                          "distinct_4gram_share", "at_token_limit", "acceptance"}
         assert m["tokens_per_second"] > 0 and m["base_nll_ratio"] > 0
     assert methods["ar (base)"]["tpf"] == 1.0 and methods["ar (base)"]["speedup"] == 1.0
     assert methods["ar (base)"]["base_nll_ratio"] == 1.0 and methods["ar (base)"]["block_size"] is None
@@ -94,3 +94,33 @@ def test_adapter_pipeline_with_variants_lossless_rows_and_humaneval(tmp_path):
     assert all(set(line) == {"task_id", "method", "text", "token_ids", "forward_passes", "passed"} for line in lines)
     assert "Lossless rows" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "run" / "train" / "export" / "adapter_config.json").is_file()
+
+
+def test_drafter_pipeline_collects_by_ar_trains_placeholders_and_reports_acceptance(tmp_path):
+    """The placeholder drafter recipe's shape on a tiny model: AR collection, the drafter's objective, the
+    lossless-placeholder rows equal to the base's AR text with acceptance by draft position reported."""
+    save_tiny_chat_model(tmp_path / "tiny")
+    recipe = yaml.safe_load(open("configs/smollm2_gsm8k_drafter.yaml"))
+    recipe |= {"run_dir": str(tmp_path / "run"), "report_dir": str(tmp_path / "report"), "model": str(tmp_path / "tiny")}
+    recipe["collect"] |= {"limit": 3, "max_new_tokens": 16, "batch_size": 2}
+    recipe["train"]["optim"] |= {"max_steps": 3, "batch_size": 2}
+    recipe["train"]["checkpoint"] |= {"every": 2, "asynchronous": False}
+    recipe["train"]["log"] |= {"progress": False}
+    recipe["evaluate"] |= {"limit": 2, "max_new_tokens": 12, "include_transformers": False}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    report = run_pipeline(load_pipeline_config(path), say=[].append)
+
+    methods = report["methods"]
+    drafting = [name for name in methods if name.startswith("lossless-placeholder")]
+    assert drafting == ["lossless-placeholder k=4 (cllm)", "lossless-placeholder k=4 + lookup (cllm)"]
+    for name in drafting:
+        m = methods[name]
+        assert m["verifies_with_base"] and m["agreement"]["generations_equal"] == 2
+        acceptance = m["acceptance"]
+        candidates = {"committed", "drafter"} | ({"lookup"} if "lookup" in name else set())
+        assert set(acceptance) == candidates and len(acceptance["drafter"]["by_position"]) == 4
+        assert acceptance["committed"]["mean_accepted"] >= acceptance["drafter"]["mean_accepted"]
+    assert report["training"]["cllm"]["adapter"] and report["training"]["cllm"]["steps"] == 3
+    assert (tmp_path / "report" / "acceptance.png").is_file()
+    assert "Acceptance by draft position" in (tmp_path / "report" / "report.md").read_text()

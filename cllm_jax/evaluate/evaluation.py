@@ -74,9 +74,15 @@ class Row:
     def name(self, block_size: int | None, several_sizes: bool) -> str:
         options = dict(self.options)
         label = self.method
-        default_layout = {f.name: f.default for f in dataclasses.fields(get_method(self.method).options)}.get("layout")
-        if default_layout is not None:  # a method with a layout says which it ran
-            label += f" {options.get('layout', default_layout)}"
+        defaults = {f.name: f.default for f in dataclasses.fields(get_method(self.method).options)}
+        if "layout" in defaults:  # a method with a layout says which it ran
+            label += f" {options.get('layout', defaults['layout'])}"
+        if "drafts" in defaults:  # a drafting method: how many it drafts, where, and what it verifies beside them
+            label += f" k={options.get('drafts', defaults['drafts'])}"
+            if options.get("groups", defaults["groups"]) != defaults["groups"]:
+                label += f" groups={options['groups']}"
+            if options.get("lookup", defaults["lookup"]):
+                label += " + lookup"
         if self.jacobi and options.get("init", "lookup") == "lookup":
             label += " + lookup"
         if options.get("recycle"):
@@ -97,6 +103,8 @@ class MethodRun:
     seconds: list[float]  # per timed prompt
     block_size: int | None = None
     base_nll: list[float] | None = None  # per generation: the base model's summed NLL of its tokens
+    # drafting methods, per prompt: passes by accepted length, committed then per candidate (Generation's)
+    acceptance: list[list[list[int]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,7 +169,8 @@ def decode_run(name: str, weights: str, loaded: LoadedModel, prompts: list[list[
     return MethodRun(name=name, weights=weights, method=row.method, indices=list(range(len(every))),
                      token_ids=[r.token_ids for r in every],
                      forward_passes=[r.forward_passes for r in every], timed=timed,
-                     seconds=[r.seconds for r in results], block_size=block_size)
+                     seconds=[r.seconds for r in results], block_size=block_size,
+                     acceptance=None if every[0].acceptance is None else [r.acceptance for r in every])
 
 
 @jax.jit
@@ -281,6 +290,25 @@ def _own_ar_agreement(run: MethodRun, own_ar: dict) -> float | None:
     return float(np.mean([a == b for a, b in pairs])) if pairs else None
 
 
+ACCEPTANCE_ROWS = ("committed", "drafter", "lookup")  # the rows of a drafting method's acceptance counts
+
+
+def acceptance_summary(acceptance: list[list[list[int]]] | None) -> dict | None:
+    """Per candidate (what was committed, the drafter alone, lookup alone): the share of passes that
+    accepted draft position i (i = 1 .. k: the first i drafts were all right), and the mean accepted
+    length (the window's first token included), over every pass after the prefill."""
+    if not acceptance:
+        return None
+    counts = np.sum(np.asarray(acceptance, np.int64), axis=0)  # [1 + C, k + 2]
+    lengths = np.arange(counts.shape[1])
+    out = {}
+    for name, row in zip(ACCEPTANCE_ROWS, counts):
+        passes = max(int(row.sum()), 1)
+        out[name] = {"by_position": [float(row[i + 1:].sum() / passes) for i in range(1, counts.shape[1] - 1)],
+                     "mean_accepted": float((row * lengths).sum() / passes), "passes": int(row.sum())}
+    return out
+
+
 def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
           final_answer: Callable[[list[int]], object] | None = None) -> dict:
     """report.json's per-method figures; the first run (our AR on the base model) is the reference.
@@ -323,6 +351,7 @@ def score(runs: list[MethodRun], correct: Callable[[int, list[int]], bool],
             "base_nll_per_token": nll,
             "block_size": run.block_size,
             "tpf_per_prompt": [len(t) / p for t, p in zip(run.token_ids, passes)] if passes else [],
+            "acceptance": acceptance_summary(run.acceptance),
             "median_seconds_per_prompt": float(np.median(run.seconds)),
         }
     return table

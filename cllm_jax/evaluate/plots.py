@@ -59,3 +59,24 @@ def plot_trajectories(panels: dict[str, list[list[int]]], path: str | Path) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_acceptance(per_method: dict[str, dict], path: str | Path) -> None:
+    """Share of passes accepting each draft position: one line per method and candidate."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = {"committed": "-", "drafter": "--", "lookup": ":"}
+    for name, summary in per_method.items():
+        for candidate, figures in summary.items():
+            shares = figures["by_position"]
+            if candidate != "committed" and all(v == 0 for v in shares):
+                continue  # a candidate the row did not verify
+            ax.plot(range(1, len(shares) + 1), shares, styles.get(candidate, "-"), marker="o",
+                    label=f"{name}: {candidate}")
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("share of passes accepting it")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

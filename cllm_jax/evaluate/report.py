@@ -8,12 +8,12 @@ from pathlib import Path
 
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.evaluate.machine import describe_machine
-from cllm_jax.evaluate.plots import plot_method_bars, plot_trajectories, plot_tpf_distribution
+from cllm_jax.evaluate.plots import plot_acceptance, plot_method_bars, plot_trajectories, plot_tpf_distribution
 from cllm_jax.model.interface import family
 from cllm_jax.weights.peft import is_adapter_dir
 
 REPORT_KEYS = ("weights", "method", "verifies_with_base", "prompts", "timed_prompts", "tpf", "tokens_per_second",
-               "speedup", "accuracy", "agreement", "base_nll_ratio", "block_size")
+               "speedup", "accuracy", "agreement", "base_nll_ratio", "block_size", "acceptance")
 REPETITION_N = 4  # the n-gram a looping answer repeats: a step of arithmetic, a line of code
 _TASKS = {"gsm8k": ("GSM8K", "accuracy", "correct"), "humaneval": ("HumanEval", "pass@1", "passed")}
 
@@ -166,6 +166,20 @@ def write_report(config, evaluation: dict, collect_summary: dict, models: dict, 
                   f"Every lossless row's generations equal the base model's AR output: {'yes' if equal else 'NO'} "
                   f"({', '.join(str(methods[n]['agreement']['generations_equal']) + '/' + str(methods[n]['prompts']) for n in lossless)}). "
                   f"Highest TPF: `{best}`, {methods[best]['tpf']:.2f} ({methods[best]['speedup']:.2f}x our AR)."]  # fmt: skip
+    drafting = {n: methods[n]["acceptance"] for n in names if methods[n].get("acceptance")}
+    if drafting:
+        lines += ["", "## Acceptance by draft position", "",
+                  "The share of passes that accepted draft i (drafts 1 .. i all right), for what was committed and "
+                  "for each candidate alone; mean accepted length counts the window's first token.", "",
+                  "| method | candidate | mean accepted | " + " | ".join(f"draft {i}" for i in range(1, 9)) + " |",
+                  "|---|---|---|" + "---|" * 8]
+        for name, summary in drafting.items():
+            for candidate, figures in summary.items():
+                shares = [f"{100 * v:.0f}%" for v in figures["by_position"][:8]]
+                lines.append(f"| {name} | {candidate} | {figures['mean_accepted']:.2f} | "
+                             + " | ".join(shares + [""] * (8 - len(shares))) + " |")
+        plot_acceptance(drafting, out / "acceptance.png")
+        lines += ["", "![acceptance by draft position](acceptance.png)"]
     costs = {name: facts for name, facts in report["training"].items() if facts}
     if costs:
         lines += ["", "## Training", "", "| weights | kind | steps | minutes | median step | export | of the base's bytes | peak memory |",
