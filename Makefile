@@ -1,5 +1,5 @@
-# Entry points: `make demo` (set up + the main job), `make cllm` (train the lossless drafter: the adapter
-# recipe), `make cllm-code` (the HumanEval result on Qwen2.5-Coder-0.5B) and `make test`.
+# Entry points: `make demo` (set up + the main job), `make cllm` (train the lossless drafter: the placeholder
+# drafter recipe), `make cllm-code` (the HumanEval result on Qwen2.5-Coder-0.5B) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -36,9 +36,10 @@ setup-test: $(VENV)/.installed-test $(VENV)/.installed-code
 demo: setup
 	$(PY) decode.py demo
 
-# The adapter recipe: collect -> train -> evaluate -> report (its GPU config when JAX sees a GPU).
+# The placeholder drafter recipe: collect (batched AR) -> train -> evaluate -> report (its GPU config when JAX
+# sees a GPU). The consistency adapter's recipe, the paper's objective: configs/smollm2_gsm8k_adapter.yaml.
 cllm: setup
-	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_adapter_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k_adapter.yaml')")
+	$(PY) train.py pipeline --config $$($(PY) -c "import jax; print('configs/smollm2_gsm8k_drafter_gpu.yaml' if jax.default_backend() == 'gpu' else 'configs/smollm2_gsm8k_drafter.yaml')")
 
 # Qwen2.5-Coder-0.5B-Instruct on HumanEval: collect -> train (full and adapter) -> evaluate by execution -> report.
 cllm-code: setup-code

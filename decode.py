@@ -31,8 +31,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face directory, .gguf file, training run, built-in name "
                         "(smollm2-135m, qwen2.5-coder-0.5b) or hub id org/name[@revision] from the local Hugging Face "
                         "cache (default: smollm2-135m); a run trained with an adapter drafts losslessly")
-    parser.add_argument("--draft-adapter", metavar="DIR", help="a PEFT adapter (or an adapter run) that drafts "
-                        "while the model verifies: rolling/multiblock Jacobi become lossless (jacobi-lossless)")
+    parser.add_argument("--draft-adapter", metavar="NAME|DIR", help="a shipped drafter (smollm2-gsm8k), a PEFT "
+                        "adapter or an adapter run, that drafts while the model verifies: a placeholder drafter "
+                        "decodes with lossless-placeholder, a consistency adapter makes rolling/multiblock Jacobi "
+                        "lossless (jacobi-lossless)")
     parser.add_argument("--merge-adapter", action="store_true", help="fold the adapter into the weights instead: "
                         "a lossy CLLM, its own text")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (fp32 on CPU)")
@@ -152,7 +154,8 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
     if given.get("temperature", 0.0) == 0.0 and any(k in given for k in ("top_k", "top_p")):
         raise InputError("--top-k / --top-p filter sampling, but decoding is greedy: give --temperature above 0")
     # load_for_decoding has merged the adapter already when --merge-adapter is given
-    resolved = resolve_method(method, model.adapter is not None or args.merge_adapter, args.merge_adapter)
+    resolved = resolve_method(method, model.adapter is not None or args.merge_adapter, args.merge_adapter,
+                              placeholder_drafter=getattr(model.adapter, "placeholders", None) is not None)
     spec = resolved.method
     method = spec.name
     if resolved.adapter == "set_aside":
@@ -337,11 +340,18 @@ def chat_main(argv: list[str]) -> None:
     add_model_arguments(parser)
     fields = add_method_arguments(parser, default="jacobi-rolling")
     parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--no-drafter", action="store_true", help="do not draft with the drafter shipped for a "
+                        "built-in model (weights/drafters.py)")
     args = parser.parse_args(argv)
 
     from cllm_jax.decode.chat import ChatSession
     from cllm_jax.errors import CllmError
+    from cllm_jax.weights.builtin import BUILTIN_MODELS
+    from cllm_jax.weights.drafters import drafter_for
 
+    builtin = args.model is None or args.model in BUILTIN_MODELS
+    if builtin and not args.draft_adapter and not args.merge_adapter and not args.no_drafter and drafter_for(args.model):
+        args.draft_adapter = drafter_for(args.model)  # a built-in model chats losslessly with its shipped drafter
     loaded = load_for_decoding(args)
     # a flag applies while the chat runs a method that takes it: /method may switch to any of them
     session = ChatSession(loaded, lambda method: decoding_setup(args, fields, loaded, method, tuple(METHODS)),
@@ -398,20 +408,30 @@ def demo_main(argv: list[str]) -> None:
             raise InputError(f"demo {flag} must be at least 1, got {value}")
 
     from cllm_jax.evaluate.demo import closing_statement, newest_cllm
+    from cllm_jax.weights.drafters import drafter_for
     from cllm_jax.weights.peft import is_adapter_dir
 
     cllm = newest_cllm(args.runs)
     lossless = cllm is not None and is_adapter_dir(cllm)
+    shipped = drafter_for(None) if cllm is None else None  # a fresh clone: the drafter that ships
     what = ("the base model, SmolLM2-135M-Instruct (no trained CLLM under " + args.runs + "/)" if cllm is None
             else f"{cllm} ({'an adapter: lossless, the base model verifies' if lossless else 'a lossy CLLM'})")
+    if shipped:
+        what = f"SmolLM2-135M-Instruct with the shipped placeholder drafter {shipped} (lossless: the base verifies)"
     print(f"model: {what}", file=sys.stderr)
-    decode_args = ["--dataset", "gsm8k-eval", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens),
-                   "--method", "jacobi-rolling", "--init", "lookup", "--block-size", str(DEMO_BLOCK_SIZE),
-                   "--compare", "ar"] + (["--model", str(cllm)] if cllm else [])  # fmt: skip
-    runs = decode_main(decode_args, keep_tokens=True)
-    jacobi, ar = runs["jacobi-rolling"], runs["ar"]
+    common = ["--dataset", "gsm8k-eval", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens),
+              "--compare", "ar"]
+    if shipped:
+        method, decode_args = "lossless-placeholder", ["--draft-adapter", shipped, "--method", "lossless-placeholder"]
+    else:
+        method = "jacobi-rolling"
+        decode_args = ["--method", method, "--init", "lookup", "--block-size", str(DEMO_BLOCK_SIZE)]
+        decode_args += ["--model", str(cllm)] if cllm else []
+    runs = decode_main(common + decode_args, keep_tokens=True)
+    jacobi, ar = runs[method], runs["ar"]
     identical = sum(a == b for a, b in zip(jacobi["token_ids"], ar["token_ids"]))
-    print(closing_statement(cllm, jacobi, ar, args.limit, DEMO_BLOCK_SIZE, lossless, identical), file=sys.stderr)
+    print(closing_statement(cllm, jacobi, ar, args.limit, DEMO_BLOCK_SIZE, lossless, identical, shipped=shipped),
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,3 +142,27 @@ def test_placeholder_lossless_whatever_the_drafter_holds(llama_pair, kind):
     broken.adapter.placeholders[...] = jnp.full_like(broken.adapter.placeholders[...], fill)
     out = decode(broken, prompts, method="lossless-placeholder", drafts=4, max_new_tokens=40, eos_id=eos, batch_size=4)
     assert [r.token_ids for r in out] == expected
+
+
+def test_the_resolver_sends_a_placeholder_drafter_to_its_method_and_refuses_the_rest():
+    from cllm_jax.decode.registry import resolve_method
+    from cllm_jax.errors import ConfigError
+
+    for name in ("jacobi-rolling", "jacobi-multiblock", "lossless-placeholder"):
+        assert resolve_method(name, True, False, placeholder_drafter=True).method.name == "lossless-placeholder"
+    assert resolve_method("ar", True, False, placeholder_drafter=True).adapter == "set_aside"
+    with pytest.raises(ConfigError, match="placeholder drafter"):
+        resolve_method("jacobi-lossless", True, False, placeholder_drafter=True)
+    with pytest.raises(ConfigError, match="placeholder drafter"):
+        resolve_method("jacobi", True, True, placeholder_drafter=True)  # no merge: it acts on placeholders alone
+    with pytest.raises(ConfigError, match="no placeholders"):
+        resolve_method("lossless-placeholder", True, False, placeholder_drafter=False)
+
+
+def test_a_placeholder_drafter_is_never_merged(llama_pair):
+    from cllm_jax.errors import InputError
+    from cllm_jax.model.llama import merge_adapter
+
+    _, model, _ = llama_pair
+    with pytest.raises(InputError, match="cannot be merged"):
+        merge_adapter(copy.deepcopy(model))

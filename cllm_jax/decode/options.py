@@ -123,6 +123,11 @@ class DecodeOptions(Options):
         of its own, with a copy of the cache."""
         return 1 + getattr(self, "recycle", 0)
 
+    @property
+    def pass_tokens(self) -> int:
+        """Tokens one row feeds a pass (a drafting tree feeds more than its window)."""
+        return self.lookahead
+
     def working_bytes(self, config, batch: int, slots: int) -> int:
         """A lower bound on the memory one pass needs: every KV cache row it copies, and the float32
         logits and attention scores of its window. A bound, not a measure: it only refuses settings
@@ -131,7 +136,7 @@ class DecodeOptions(Options):
         rows *= self.candidate_rows
         itemsize = 2 if "bfloat16" in str(config.compute_dtype) else 4
         cache = 2 * config.num_layers * rows * slots * config.num_kv_heads * config.head_dim * itemsize
-        window = rows * self.lookahead
+        window = rows * self.pass_tokens
         return cache + 4 * window * (config.vocab_size + config.num_heads * slots)
 
 

@@ -118,6 +118,10 @@ class PlaceholderOptions(DecodeOptions):
     def lookahead(self) -> int:
         return self.drafts + 1
 
+    @property
+    def pass_tokens(self) -> int:
+        return self.tree.size
+
     def cache_shape(self, batch: int, slots: int) -> tuple[int, int]:
         return batch, slots + self.tree.scratch
 

@@ -78,6 +78,9 @@ METHODS = {m.name: m for m in (
 )}  # fmt: skip
 
 
+PLACEHOLDER_METHOD = "lossless-placeholder"  # the method a placeholder drafter drafts with
+
+
 def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown decoding method {name!r} (choose from {', '.join(METHODS)})")
@@ -93,10 +96,22 @@ class Resolved:
     adapter: str
 
 
-def resolve_method(name: str, model_has_adapter: bool, merge_adapter: bool) -> Resolved:
+def resolve_method(name: str, model_has_adapter: bool, merge_adapter: bool,
+                   placeholder_drafter: bool = False) -> Resolved:
     """The one reading of a method name on a model that may carry an adapter, for the command line, the
-    chat and the evaluation alike. `merge_adapter`: the adapter is to be folded into the weights."""
+    chat and the evaluation alike. `merge_adapter`: the adapter is to be folded into the weights;
+    `placeholder_drafter`: the adapter is a placeholder drafter, which drafts only with
+    lossless-placeholder (and cannot be merged: it acts on placeholder tokens alone)."""
     method = get_method(name)
+    if model_has_adapter and placeholder_drafter:
+        if method.needs_adapter and name != PLACEHOLDER_METHOD or merge_adapter:
+            raise ConfigError(f"the adapter is a placeholder drafter: it drafts with --method {PLACEHOLDER_METHOD} "
+                              f"(neither {name} nor a merge can use it)")
+        if method.with_adapter is not None:
+            return Resolved(get_method(PLACEHOLDER_METHOD), "drafts")
+    elif model_has_adapter and name == PLACEHOLDER_METHOD:
+        raise ConfigError(f"{PLACEHOLDER_METHOD} drafts with a placeholder drafter, and this adapter has no "
+                          f"placeholders: use --method jacobi-lossless (or --draft-adapter smollm2-gsm8k)")
     if not model_has_adapter:
         if merge_adapter:
             raise ConfigError("merging an adapter needs one: load a model that carries an adapter")

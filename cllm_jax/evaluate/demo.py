@@ -48,15 +48,22 @@ def newest_cllm(runs: str | Path = "runs", base: str | None = None) -> Path | No
 
 
 def closing_statement(cllm: Path | None, jacobi: dict, ar: dict, prompts: int, block_size: int = 8,
-                      lossless: bool = False, identical: int | None = None) -> str:
+                      lossless: bool = False, identical: int | None = None, shipped: str | None = None) -> str:
     """What was shown and the next command, from the two runs' summaries (engine.summarize) of the
-    Jacobi method and AR; `identical`: how many answers equal AR's (lossless)."""
+    Jacobi (or drafting) method and AR; `identical`: how many answers equal AR's (lossless); `shipped`:
+    the shipped drafter that drafted (weights/drafters.py)."""
     tpf = jacobi["tokens_per_forward"]
     speedup = jacobi["tokens_per_second"] / max(ar["tokens_per_second"], 1e-9)
     # What one Jacobi pass costs in AR passes on this machine: Jacobi is faster exactly when TPF exceeds it.
     cost = (jacobi["seconds"] / max(jacobi["forward_passes"], 1)) / max(ar["seconds"] / max(ar["forward_passes"], 1), 1e-9)
     machine = (f"on this machine one {block_size}-token pass costs {cost:.1f} one-token passes (Jacobi pays only "
                f"above TPF {cost:.1f})")  # fmt: skip
+    if shipped:
+        return (f"Shown: lossless decoding with the shipped placeholder drafter {shipped} on {prompts} held-out GSM8K "
+                f"questions: it drafts k tokens per pass, the base model verifies them in the same pass, so the text "
+                f"is the base model's own ({identical} of {prompts} answers identical to AR's, token for token); "
+                f"{tpf:.2f} tokens per forward pass against 1.00 for AR, {speedup:.2f}x AR's speed. Next: chat with it, "
+                f"`.venv/bin/python decode.py chat --draft-adapter {shipped}`, or train your own with `make cllm`.")
     if cllm is None:
         return (f"Shown: the untrained base model on {prompts} held-out GSM8K questions, rolling Jacobi with lookup "
                 f"guesses against AR: TPF {tpf:.2f}, {machine}, so it ran at {speedup:.2f}x AR's speed. Jacobi alone "

@@ -139,7 +139,8 @@ def row_weights(models: dict[str, LoadedModel], row: Row, merged: dict[str, Load
     # A row runs the method it names: on adapter weights, a method that does not draft is the lossy CLLM
     folded = has_adapter and not get_method(row.method).needs_adapter
     try:
-        resolved = resolve_method(row.method, has_adapter, folded)
+        resolved = resolve_method(row.method, has_adapter, folded,
+                                  placeholder_drafter=has_adapter and loaded.model.adapter.placeholders is not None)
     except ConfigError as error:
         raise ConfigError(f"evaluation row {row.method} on weights {row.weights}: {error}") from None
     if resolved.adapter != "merged":

@@ -12,6 +12,7 @@ from cllm_jax.model.llama import Llama, cast_matrices, resolve_layer_loop
 from cllm_jax.tokenizer import Tokenizer
 from cllm_jax.weights.builtin import builtin_model_dir
 from cllm_jax.weights.convert import hf_tensors_from_model, model_from_hf_tensors
+from cllm_jax.weights.drafters import shipped_drafter, shipped_names
 from cllm_jax.weights.default_model import resolve_model_path
 from cllm_jax.weights.hf_dir import INDEX_FILE, WEIGHTS_FILE, read_hf_config, read_hf_dir, write_hf_dir
 from cllm_jax.weights.hub import parse_hub_id, resolve_hub_id
@@ -85,9 +86,11 @@ def resolve_model(arg: str | os.PathLike | None) -> Path:
 
 
 def resolve_adapter(arg: str | os.PathLike) -> Path:
-    """The PEFT adapter directory an adapter argument names: the directory itself, or a training (or
-    pipeline) run that trained one. A path that is neither is returned as is, for the loader to say
-    what it lacks."""
+    """The PEFT adapter directory an adapter argument names: a shipped drafter's name
+    (weights/drafters.py), the directory itself, or a training (or pipeline) run that trained one. A
+    path that is none of these is returned as is, for the loader to say what it lacks."""
+    if str(arg) in shipped_names() and not Path(arg).exists():
+        return shipped_drafter(str(arg))
     path = Path(arg).expanduser()
     export = None if is_adapter_dir(path) else _run_export(path)
     if export is None or is_adapter_dir(export):
