@@ -115,3 +115,18 @@ def test_peft_loads_the_exported_lora_part_and_we_load_the_whole_drafter(tmp_pat
     np.testing.assert_allclose(np.asarray(half.adapter.placeholders[...]), np.asarray(model.adapter.placeholders[...]),
                                rtol=1e-2, atol=1e-3)
 
+
+
+def test_placeholder_embeddings_that_are_not_finite_are_refused_at_load(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from cllm_jax.errors import CheckpointError
+    from cllm_jax.weights.peft import PLACEHOLDERS_FILE, save_adapter
+
+    reference = torch_model("llama", num_key_value_heads=2)
+    save_adapter(with_random_drafter(port(reference), placeholders=K), tmp_path / "d", "tiny")
+    embeddings = load_file(str(tmp_path / "d" / PLACEHOLDERS_FILE))["placeholders"]
+    embeddings[1, 3] = np.nan
+    save_file({"placeholders": embeddings}, str(tmp_path / "d" / PLACEHOLDERS_FILE))
+    with pytest.raises(CheckpointError, match=f"{PLACEHOLDERS_FILE}: tensor placeholders holds NaN"):
+        load_adapter(port(reference), tmp_path / "d")

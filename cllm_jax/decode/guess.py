@@ -14,6 +14,7 @@ def guess_tokens(
     key: jax.Array,
     row_seeds: jax.Array,
     start_positions: jax.Array,
+    *,
     strategy: str,
     shape: tuple[int, int],
     first: jax.Array,
@@ -97,8 +98,10 @@ def guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: 
                 vocab: int) -> jax.Array:
     """`first` [B], then n - 1 drawn guesses, before any lookup."""
     rest = guess_tokens(
-        key, row_seeds, prompt_lengths + progress.lengths, options.init, (first.shape[0], options.block_size - 1),
-        first, prompt_tokens, prompt_lengths, progress.generated, progress.lengths, vocab, options.pad_id,
+        key, row_seeds, prompt_lengths + progress.lengths, strategy=options.init,
+        shape=(first.shape[0], options.block_size - 1), first=first, prompt_tokens=prompt_tokens,
+        prompt_lengths=prompt_lengths, generated=progress.generated, generated_lengths=progress.lengths,
+        vocab_size=vocab, pad_id=options.pad_id,
     )  # fmt: skip
     return jnp.concatenate([first[:, None], rest], axis=1)
 

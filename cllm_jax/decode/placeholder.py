@@ -138,8 +138,9 @@ class _State:
 
 def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, o: PlaceholderOptions, vocab: int):
     """[B, k + 1]: `first` [B], then k guesses (by lookup where the text has a match, with init lookup)."""
-    rest = guess_tokens(key, row_seeds, prompt_lengths + p.lengths, o.init, (first.shape[0], o.drafts), first,
-                        prompt_tokens, prompt_lengths, p.generated, p.lengths, vocab, o.pad_id)
+    rest = guess_tokens(key, row_seeds, prompt_lengths + p.lengths, strategy=o.init, shape=(first.shape[0], o.drafts),
+                        first=first, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths, generated=p.generated,
+                        generated_lengths=p.lengths, vocab_size=vocab, pad_id=o.pad_id)
     window = jnp.concatenate([first[:, None], rest], axis=1)
     if o.init == "lookup":
         window = lookup_guesses(window, prompt_tokens, prompt_lengths, p.generated, p.lengths)

@@ -115,8 +115,10 @@ def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, 
     parts = [guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, p, o, vocab)]
     for j in range(1, blocks):
         parts.append(guess_tokens(
-            key, row_seeds, prompt_lengths + p.lengths + j * o.block_size, o.init, (first.shape[0], o.block_size),
-            first, prompt_tokens, prompt_lengths, p.generated, p.lengths, vocab, o.pad_id,
+            key, row_seeds, prompt_lengths + p.lengths + j * o.block_size, strategy=o.init,
+            shape=(first.shape[0], o.block_size), first=first, prompt_tokens=prompt_tokens,
+            prompt_lengths=prompt_lengths, generated=p.generated, generated_lengths=p.lengths, vocab_size=vocab,
+            pad_id=o.pad_id,
         ))  # fmt: skip
     return jnp.concatenate(parts, axis=1)
 

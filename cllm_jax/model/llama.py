@@ -231,7 +231,7 @@ def merge_adapter(model: "Llama") -> "Llama":
     return model
 
 
-def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array,
+def decoder_layer(config: ModelConfig, params: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, *,
                   mask: jax.Array | None, positions: jax.Array, kv=None, adapter: LayerAdapter | None = None,
                   slots: jax.Array | None = None):
     """One pre-norm LLaMA decoder layer: (x, updated kv).
@@ -356,7 +356,8 @@ class Llama(nnx.Module):
                 key = None if adapter_rng is None else jax.random.fold_in(adapter_rng, index)
                 layer_adapter = LayerAdapter(lora_layer, adapter.config.scale, adapter_gate,
                                              adapter.config.dropout, key)
-            return decoder_layer(config, params, x, cos, sin, mask, positions, kv, layer_adapter, slots)
+            return decoder_layer(config, params, x, cos, sin, mask=mask, positions=positions, kv=kv,
+                                 adapter=layer_adapter, slots=slots)
 
         layer = L.rematerialize(layer, remat)
         if config.layer_loop == "scan":

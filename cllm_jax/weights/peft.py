@@ -169,7 +169,11 @@ def _read_placeholders(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if embeddings.shape != shape:
         raise CheckpointError(f"{path / PLACEHOLDERS_FILE} holds embeddings of shape {embeddings.shape}, this model "
                               f"needs {shape}")
-    return embeddings.astype(np.float32)
+    embeddings = embeddings.astype(np.float32)
+    if not np.isfinite(embeddings).all():  # as for the LoRA tensors: no training leaves one, it is damage
+        raise CheckpointError(f"{path / PLACEHOLDERS_FILE}: tensor placeholders holds NaN or infinite values: the "
+                              f"drafter is damaged; retrain or restore it")
+    return embeddings
 
 
 def base_model_spec(model_path: str | None) -> str:
