@@ -113,13 +113,15 @@ def test_drafter_pipeline_collects_by_ar_trains_placeholders_and_reports_accepta
 
     methods = report["methods"]
     drafting = [name for name in methods if name.startswith("lossless-placeholder")]
-    assert drafting == ["lossless-placeholder k=4 (cllm)", "lossless-placeholder k=4 + lookup (cllm)"]
+    assert drafting == ["lossless-placeholder k=4 (cllm)", "lossless-placeholder k=4 + lookup (cllm)",
+                        "lossless-placeholder k=3 groups=main + lookup (cllm)"]
     for name in drafting:
         m = methods[name]
         assert m["verifies_with_base"] and m["agreement"]["generations_equal"] == 2
         acceptance = m["acceptance"]
         candidates = {"committed", "drafter"} | ({"lookup"} if "lookup" in name else set())
-        assert set(acceptance) == candidates and len(acceptance["drafter"]["by_position"]) == 4
+        k = int(name.split("k=")[1][0])
+        assert set(acceptance) == candidates and len(acceptance["drafter"]["by_position"]) == k
         assert acceptance["committed"]["mean_accepted"] >= acceptance["drafter"]["mean_accepted"]
     assert report["training"]["cllm"]["adapter"] and report["training"]["cllm"]["steps"] == 3
     assert (tmp_path / "report" / "acceptance.png").is_file()

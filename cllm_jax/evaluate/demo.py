@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from cllm_jax.weights.load import RUN_EXPORT_DIR, resolve_model
-from cllm_jax.weights.peft import is_adapter_dir, read_adapter_config
+from cllm_jax.weights.peft import is_adapter_dir
 
 _SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
@@ -28,7 +28,8 @@ def _exports(runs: Path) -> list[Path]:
 
 def _is_trained_from(export: Path, base: str | None, shape: tuple) -> bool:
     if is_adapter_dir(export) and not (export / "config.json").is_file():
-        named = read_adapter_config(export).get("base_model_name_or_path")
+        # only the base's name is read here: a damaged adapter is refused when it loads, not when it is listed
+        named = json.loads((export / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
         return named in (base, None) or (base is None and named == "smollm2-135m")
     return _shape(export / "config.json") == shape
 

@@ -28,7 +28,9 @@ CROSS_ENTROPY_TERMS = {"loss_ar": "AR loss", "loss_first_draft": "first-draft lo
 
 def unhealthy(metrics: dict, vocab_size: int) -> tuple[str, str] | None:
     """(what happened, the figures that show it) for a step that returned `metrics`; None if healthy."""
-    terms = {k: v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"}
+    # the total first, then its terms and the gradient norm: the figures read in that order
+    terms = {k: metrics[k] for k in sorted((k for k in metrics if k.startswith("loss") or k == "grad_norm"),
+                                           key=lambda k: (k != "loss", k == "grad_norm", k))}
     if not all(math.isfinite(v) for v in terms.values()):
         return "diverged", ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
     uniform = math.log(vocab_size)
