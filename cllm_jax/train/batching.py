@@ -26,7 +26,7 @@ import numpy as np
 from cllm_jax.data.trajectories import TrajectoryRecord
 from cllm_jax.errors import ConfigError, DataError
 from cllm_jax.train import packing
-from cllm_jax.train.spec import (BatchSpec, ar_sequence, ar_weights, bucket, chosen_pairs, record_rng,
+from cllm_jax.train.spec import (BatchSpec, ar_sequence, ar_weights, bucket, chosen_pairs, example_order, record_rng,
                                  round_up, slot_weights, stack_rows)
 
 __all__ = ["BatchSpec", "DataSource", "HostBatch", "RECORD_KEYS", "record_row", "record_rng"]
@@ -102,9 +102,7 @@ class DataSource:
         return len(self.examples)
 
     def order(self, epoch: int) -> np.ndarray:
-        if not self.spec.shuffle:
-            return np.arange(len(self))
-        return np.random.default_rng([self.spec.seed, epoch, 7]).permutation(len(self))
+        return example_order(self.spec.seed, epoch, len(self), self.spec.shuffle)
 
     def row(self, epoch: int, slot: int) -> dict[str, np.ndarray]:
         if self.spec.layout == "packed":

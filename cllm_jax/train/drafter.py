@@ -34,7 +34,8 @@ from cllm_jax.data.records import TrajectoryRecord
 from cllm_jax.errors import DataError
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.train import losses
-from cllm_jax.train.spec import record_rng, round_up, stack_rows
+from cllm_jax.train.batching import HostBatch
+from cllm_jax.train.spec import example_order, record_rng, round_up, stack_rows
 
 ROW_KEYS = {
     "text": ("T", np.int32),
@@ -107,13 +108,9 @@ class DrafterData:
         return len(self.examples)
 
     def order(self, epoch: int) -> np.ndarray:
-        if not self.spec.shuffle:
-            return np.arange(len(self))
-        return np.random.default_rng([self.spec.seed, epoch, 7]).permutation(len(self))
+        return example_order(self.spec.seed, epoch, len(self), self.spec.shuffle)
 
     def batch(self, epoch: int, cursor: int, shape: tuple[int, int], rows: slice | None = None):
-        from cllm_jax.train.batching import HostBatch
-
         accum, size = shape
         order = self.order(epoch)
         slots = [int(order[c]) if c < len(order) else -1 for c in range(cursor, cursor + accum * size)]

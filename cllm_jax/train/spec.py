@@ -116,6 +116,14 @@ def stack_rows(rows: list[dict | None], keys: dict[str, tuple[str, type]], dims:
     return out
 
 
+def example_order(seed: int, epoch: int, count: int, shuffle: bool = True) -> np.ndarray:
+    """The order of `count` training examples in `epoch`: a pure function of (seed, epoch), so a resumed
+    run sees the same batches."""
+    if not shuffle:
+        return np.arange(count)
+    return np.random.default_rng([seed, epoch, 7]).permutation(count)
+
+
 def round_up(value: int, multiple: int, cap: int | None = None) -> int:
     value = -(-max(value, 1) // multiple) * multiple
     return value if cap is None else min(value, max(cap, 1))
