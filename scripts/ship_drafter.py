@@ -57,7 +57,7 @@ def main() -> None:
         "training": {"steps": metrics[-1]["step"], "minutes": sum(m["step_time_s"] for m in metrics) / 60,
                      "final_metrics": {k: v for k, v in metrics[-1].items() if k.startswith("loss")}},
         "measured": {"report": str(report), "machine": figures["machine"], "held_out_prompts":
-                     figures["held_out_prompts"], "rows": drafting},
+                     figures["held_out_prompts"], "rows": drafting, "training": figures.get("training")},
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
