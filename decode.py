@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -18,13 +19,13 @@ import sys
 from tqdm import tqdm
 
 from cllm_jax.cli import add_option_flags, collect_progress, flag_error, given_flags
-from cllm_jax.decode.options import Sampling
+from cllm_jax.decode.options import BATCHING_FIELDS, Batching, Sampling
 from cllm_jax.decode.registry import METHODS, get_method, resolve_method
 from cllm_jax.errors import InputError
 
 # Flags no user sets: the EOS and the pad token come from the tokenizer, recording from `collect`.
-_NOT_FLAGS = ("eos_id", "pad_id", "record", "sampling", "seed")
-_SAMPLING_FLAGS = ("temperature", "top_k", "top_p")
+_NOT_FLAGS = ("eos_id", "pad_id", "record", "sampling")
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +40,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "a lossy CLLM, its own text")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (fp32 on CPU)")
     parser.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "per_layer"],
-                        help="decoder layers as one scan or a per-layer loop (auto: by backend and model size)")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded side by side")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the guesses and of the sampling noise")
+                        help="decoder layers as one scan or a per-layer loop (auto: per_layer on a CPU, "
+                        "by model size on an accelerator)")
     add_mesh_argument(parser)
 
 
@@ -76,10 +76,11 @@ def use_mesh(args, local: bool = False):
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default: str) -> dict:
-    """--method and one flag per option of any method (cllm_jax/decode/registry.py); returns the fields."""
+    """--method and one flag per option of any method (cllm_jax/decode/registry.py), of sampling and of
+    batching; returns the fields."""
     summaries = "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
     parser.add_argument("--method", default=default, choices=list(METHODS), help=summaries)
-    classes = [m.options for m in METHODS.values()] + [Sampling]
+    classes = [m.options for m in METHODS.values()] + [Sampling, Batching]
     return add_option_flags(parser, classes, skip=_NOT_FLAGS)
 
 
@@ -139,17 +140,15 @@ def prompt_token_ids(args, tokenizer) -> list[list[int]]:
 
 
 def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, ...] = ()):
-    """(method name, model, options) for `method` from the flags; refuses a flag that no method of this run
+    """(method name, model, options, batching) for `method` from the flags; refuses a flag that no method of this run
     takes (`others`: the other methods run beside it), and sampling filters under greedy decoding."""
     import copy
 
     model = loaded.model
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     given = given_flags(args, fields)
     runs = [get_method(m) for m in (method, *others)]
     for name in given:
-        if name not in _SAMPLING_FLAGS and not any(name in _field_names(m) for m in runs):
+        if name not in _SAMPLING_FLAGS + BATCHING_FIELDS and not any(name in _field_names(m) for m in runs):
             raise InputError(f"--{name.replace('_', '-')} does not apply to --method {' / '.join(m.name for m in runs)}")
     if given.get("temperature", 0.0) == 0.0 and any(k in given for k in ("top_k", "top_p")):
         raise InputError("--top-k / --top-p filter sampling, but decoding is greedy: give --temperature above 0")
@@ -163,7 +162,8 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
         model.adapter = None
     values = {k: v for k, v in given.items() if k in _field_names(spec) and k not in _SAMPLING_FLAGS}
     try:
-        sampling = Sampling(**{k: given[k] for k in _SAMPLING_FLAGS if k in given}, seed=args.seed)
+        sampling = Sampling(**{k: given[k] for k in _SAMPLING_FLAGS if k in given})
+        batching = Batching(**{k: given[k] for k in BATCHING_FIELDS if k in given})
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_id if tokenizer is not None else loaded.config.eos_token_id
         if "pad_id" in _field_names(spec):
@@ -184,8 +184,8 @@ def decoding_setup(args, fields: dict, loaded, method: str, others: tuple[str, .
     if options.max_new_tokens + options.lookahead >= context:
         raise InputError(f"--max-new-tokens {options.max_new_tokens} plus a window of {options.lookahead} leave no "
                          f"room for a prompt in the model's context of {context} tokens: lower one of them")
-    _check_working_memory(options, loaded.config, args.batch_size, given)
-    return method, model, options
+    _check_working_memory(options, loaded.config, batching.batch_size, given)
+    return method, model, options, batching
 
 
 def _check_working_memory(options, config, batch_size: int, given: dict) -> None:
@@ -200,15 +200,13 @@ def _check_working_memory(options, config, batch_size: int, given: dict) -> None
 
 
 def _field_names(method) -> set[str]:
-    import dataclasses
-
     return {f.name for f in dataclasses.fields(method.options)}
 
 
-def run_method(model, method: str, options, prompts, batch_size: int, seed: int, show_progress: bool):
+def run_method(model, method: str, options, prompts, batching: Batching, show_progress: bool):
     from cllm_jax.decode.engine import Decoder, summarize
 
-    decoder = Decoder(model, method, options=options, batch_size=batch_size, seed=seed)
+    decoder = Decoder(model, method, options=options, **dataclasses.asdict(batching))
     results = []
     with tqdm(total=len(prompts), desc=method, unit="prompt", disable=not show_progress, file=sys.stderr) as bar:
         for batch in decoder.generate_batches(prompts):
@@ -263,9 +261,9 @@ def decode_main(argv: list[str], keep_tokens: bool = False) -> dict:
     summaries, names = {}, []  # names as run: an adapter model turns a rolling method into jacobi-lossless
     for method in methods:
         others = tuple(m for m in methods if m != method)
-        name, model, options = decoding_setup(args, fields, loaded, method, others)
+        name, model, options, batching = decoding_setup(args, fields, loaded, method, others)
         names.append(name)
-        results = run_method(model, name, options, prompts, args.batch_size, args.seed, show_progress=len(prompts) > 1)
+        results = run_method(model, name, options, prompts, batching, show_progress=len(prompts) > 1)
         print_results(results, loaded.tokenizer, name, args.json)
         summaries[method] = summarize(results) | ({"token_ids": [r.token_ids for r in results]} if keep_tokens else {})
         print(describe(summaries[method], name), file=sys.stderr)

@@ -226,6 +226,8 @@ CASES = [
      "--top-k 1000 is more tokens than the model's vocabulary of 128: give at most 128"),
     ("seed beyond 64 bits", ["--seed", str(2**64), "--prompt-ids", "1,2"], None,
      f"--seed must be at most {2**63 - 1}, got {2**64}"),
+    ("guess seed beyond 64 bits", ["--method", "jacobi", "--init", "random-vocab", "--guess-seed", str(2**64),
+                                   "--prompt-ids", "1,2"], None, f"--guess-seed must be at most {2**63 - 1}, got {2**64}"),
     ("recycling beyond memory", ["--method", "jacobi-rolling", "--recycle", "100000000", "--prompt-ids", "1,2"], None,
      "lower the batch size or the number of new tokens (or --recycle)"),
     ("adapter safetensors cut short", ["--draft-adapter", "ADAPTER", "--prompt-ids", "1,2"],

@@ -6,6 +6,7 @@ import pytest
 
 import decode
 from cllm_jax.decode.engine import Decoder
+from cllm_jax.decode.options import Batching
 from cllm_jax.weights.load import load_model
 from tests.tiny import decode as tiny_decode, save_tiny_chat_model
 
@@ -58,7 +59,7 @@ def test_streamed_pieces_arrive_per_block(chat_dir):
     options = Decoder(loaded.model, "jacobi-rolling", max_new_tokens=MAX_NEW, block_size=8,
                       eos_id=loaded.tokenizer.eos_token_id, pad_id=loaded.tokenizer.pad_token_id).options
     pieces = []
-    session = ChatSession(loaded, lambda method: (method, loaded.model, options), "jacobi-rolling")
+    session = ChatSession(loaded, lambda method: (method, loaded.model, options, Batching()), "jacobi-rolling")
     answer, stats = session.reply("Count to ten.", on_text=pieces.append)
     assert len([p for p in pieces if p]) >= 2  # 20 tokens in blocks of 8: shown in three steps, not at the end
     assert "".join(pieces) == answer == whole_answer(loaded, [{"role": "user", "content": "Count to ten."}], "ar")

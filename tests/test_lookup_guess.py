@@ -6,6 +6,7 @@ import pytest
 
 from cllm_jax.decode.engine import Decoder
 from cllm_jax.decode.guess import lookup_guesses
+from cllm_jax.decode.state import Text
 from tests.tiny import port, random_prompts, torch_model, decode as tiny_decode
 
 PAD = -7  # padding that never matches a real token
@@ -19,10 +20,9 @@ def test_lookup_guesses_by_hand():
     prompts = [[5, 6, 7, 8, 9], [9, 4, 3], [1, 2], [1, 2, 3]]
     generated = [[6, 7], [1], [3, 1, 2, 3], []]
     windows = [[8, 0, 0, 0, 0], [9, 0, 0, 0, 0], [1, 0, 0, 0, 0], [4, 7, 7, 7, 7]]
-    out = lookup_guesses(
-        jnp.array(windows, jnp.int32), padded(prompts, 6), jnp.array([5, 3, 2, 3], jnp.int32),
-        padded(generated, 6), jnp.array([2, 1, 4, 0], jnp.int32),
-    )  # fmt: skip
+    text = Text(prompt_tokens=padded(prompts, 6), prompt_lengths=jnp.array([5, 3, 2, 3], jnp.int32),
+                generated=padded(generated, 6), generated_lengths=jnp.array([2, 1, 4, 0], jnp.int32))
+    out = lookup_guesses(jnp.array(windows, jnp.int32), text)
     assert np.asarray(out).tolist() == [
         # text 5 6 7 8 9 6 7 | 8: the pair (7, 8) ended at 3, so 9 6 7 followed, then the span repeats (8)
         [8, 9, 6, 7, 8],

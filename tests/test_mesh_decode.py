@@ -71,7 +71,7 @@ def decode(model, method, options, batch, sampled, mesh):
     from cllm_jax.decode.sampling import Sampling
 
     sampling = Sampling(temperature=0.8, top_k=20, seed=5) if sampled else Sampling()
-    decoder = Decoder(model, method, batch_size=batch, seed=0, mesh=mesh, max_new_tokens=MAX_NEW, eos_id=EOS,
+    decoder = Decoder(model, method, batch_size=batch, mesh=mesh, max_new_tokens=MAX_NEW, eos_id=EOS,
                       sampling=sampling, **options)
     return [{"tokens": r.token_ids, "passes": r.forward_passes, "blocks": r.blocks, "ff": r.fast_forwarded,
              "stationary": r.stationary, "acceptance": r.acceptance} for r in decoder.generate(prompts(batch))]

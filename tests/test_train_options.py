@@ -70,25 +70,25 @@ def test_noise_is_the_unconverged_share_and_stops_at_the_target_eos():
 ])
 def test_schedule_picks_on_a_hand_made_trajectory(schedule, k, count, expected):
     rec = record_of(HAND, k=k)
-    assert states.pick_states(rec, np.random.default_rng(0), schedule, count, window=3) == expected
+    assert states.pick_states(rec, np.random.default_rng(0), schedule, count=count, window=3) == expected
 
 
 def test_each_epoch_shifts_the_sawtooth_by_one_block():
     for epoch in range(4):
         for k in range(3):
-            assert (states.pick_states(record_of(HAND, k=k), None, "progressive", 2, window=3, epoch=epoch)
-                    == states.pick_states(record_of(HAND, k=k + epoch), None, "progressive", 2, window=3))
+            assert (states.pick_states(record_of(HAND, k=k), None, "progressive", count=2, window=3, epoch=epoch)
+                    == states.pick_states(record_of(HAND, k=k + epoch), None, "progressive", count=2, window=3))
 
 
 def test_distinct_picks_take_the_next_nearest_state():
     # w=4: targets [0, 1/3, 2/3, 1], count 4 from block 0:
     # 0 -> .25 (4); 1/3 -> .25 taken, next nearest .5 (2, the earlier of a tie); 2/3 -> .75 (1); 1 -> 1.0 (0)
-    assert states.pick_states(record_of(HAND), None, "progressive", 4, window=4) == [4, 2, 1, 0]
+    assert states.pick_states(record_of(HAND), None, "progressive", count=4, window=4) == [4, 2, 1, 0]
 
 
 def test_random_schedule_draws_the_progressive_targets_evenly():
     rec = record_of(HAND, k=0)
-    picks = [states.pick_states(rec, np.random.default_rng(i), "random", 1, window=3)[0] for i in range(600)]
+    picks = [states.pick_states(rec, np.random.default_rng(i), "random", count=1, window=3)[0] for i in range(600)]
     counts = np.bincount(picks, minlength=6)
     assert set(np.flatnonzero(counts)) == {0, 2, 4}  # the states nearest 1, .5 and 0
     np.testing.assert_allclose(counts[[0, 2, 4]] / 600, 1 / 3, atol=0.07)
@@ -97,9 +97,9 @@ def test_random_schedule_draws_the_progressive_targets_evenly():
 def test_uniform_draws_distinct_states_and_only_the_fixed_point_fills():
     rec = record_of(HAND)
     for i in range(50):
-        picks = states.pick_states(rec, np.random.default_rng(i), "uniform", 3)
+        picks = states.pick_states(rec, np.random.default_rng(i), "uniform", count=3)
         assert len(set(picks)) == 3 and 5 not in picks
-    assert states.pick_states(record_of([FIXED]), np.random.default_rng(0), "progressive", 2) == [0, 0]
+    assert states.pick_states(record_of([FIXED]), np.random.default_rng(0), "progressive", count=2) == [0, 0]
 
 
 # ---------------------------------------------------------------- which predictions count

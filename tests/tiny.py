@@ -60,7 +60,7 @@ def save_tiny_chat_model(path, seed: int = 0):
     return model
 
 
-def decode(model, prompts, method="ar", batch_size=1, seed=0, **options):
+def decode(model, prompts, method="ar", batch_size=1, guess_seed=0, **options):
     """Decode with one call pattern for every method: options a method does not take (block_size
     for AR, say) are left out, as the tests run several methods with the same settings."""
     import dataclasses
@@ -70,4 +70,4 @@ def decode(model, prompts, method="ar", batch_size=1, seed=0, **options):
 
     known = {f.name for f in dataclasses.fields(get_method(method).options)}
     options = {k: v for k, v in options.items() if k in known}
-    return Decoder(model, method, batch_size=batch_size, seed=seed, **options).generate(prompts)
+    return Decoder(model, method, batch_size=batch_size, guess_seed=guess_seed, **options).generate(prompts)

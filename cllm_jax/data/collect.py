@@ -26,7 +26,7 @@ from cllm_jax.data.storage import read_summary
 from cllm_jax.data.writer import TrajectoryWriter
 from cllm_jax.decode.engine import Decoder, Generation
 from cllm_jax.decode.jacobi import FixedBlockOptions
-from cllm_jax.decode.options import JacobiOptions, Options, option, option_like
+from cllm_jax.decode.options import Batching, JacobiOptions, Options, option, option_like
 from cllm_jax.errors import ConfigError, DataError
 from cllm_jax.weights.load import LoadedModel
 
@@ -43,8 +43,9 @@ class CollectOptions(Options):
     init: str = option_like(JacobiOptions, "init", default="prefix-sample",
                             help="initial guesses (the training data's states depend on it: the paper's prefix-sample)")
     chat: bool = option(True, "apply the model's chat template")
-    seed: int = option(0, "the guesses' seed", at_least=0)
-    batch_size: int = option(4, "prompts decoded side by side", at_least=1)
+    # named `seed` in the collection (its summary.json records it, and resuming compares it)
+    seed: int = option_like(Batching, "guess_seed", help="the seed of random guesses and augmented states")
+    batch_size: int = option_like(Batching, "batch_size", default=4)
     method: str = option("jacobi", "jacobi: trajectories (the consistency objective's data); ar: the greedy text "
                          "alone, by batched AR (all the placeholder drafter needs, in fewer passes)",
                          choices=("jacobi", "ar"))
@@ -54,7 +55,7 @@ class CollectOptions(Options):
             return Decoder(model, "ar", batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, eos_id=eos_id)
         options = FixedBlockOptions(max_new_tokens=self.max_new_tokens, block_size=self.block_size, init=self.init,
                                     eos_id=eos_id, pad_id=pad_id or 0, record=True)
-        return Decoder(model, "jacobi", options=options, batch_size=self.batch_size, seed=self.seed)
+        return Decoder(model, "jacobi", options=options, batch_size=self.batch_size, guess_seed=self.seed)
 
 
 def model_fingerprint(loaded: LoadedModel) -> dict:

@@ -62,8 +62,9 @@ class TextStream:
 class ChatSession:
     """The conversation so far and how to answer; `reply` decodes one turn (library code: no printing).
 
-    `setup(method)` gives (method name, model, options) for a method name: the command line builds
-    them from its flags, so switching methods keeps the flags that apply to the new one.
+    `setup(method)` gives (method name, model, options, batching) for a method name: the command line
+    builds them from its flags, so switching methods keeps the flags that apply to the new one. One
+    conversation is one prompt: of the batching, only the guesses' seed applies.
     """
 
     def __init__(self, loaded: LoadedModel, setup: Callable[[str], tuple], method: str, system: str | None = None,
@@ -80,7 +81,8 @@ class ChatSession:
     def set_method(self, method: str) -> None:
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        self.method, self.model, self.options = self.setup(method)
+        self.method, self.model, self.options, batching = self.setup(method)
+        self.guess_seed = batching.guess_seed
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -92,7 +94,7 @@ class ChatSession:
         key = (self.method, budget)  # one compiled function per (method, chunk size, prompt bucket)
         if key not in self._decoders:
             options = self.options.replace(max_new_tokens=budget)
-            self._decoders[key] = Decoder(self.model, self.method, options=options)
+            self._decoders[key] = Decoder(self.model, self.method, options=options, guess_seed=self.guess_seed)
         return self._decoders[key]
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda delta: None) -> tuple[str, TurnStats]:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cllm_jax.decode.options import DecodeOptions
+from cllm_jax.decode.options import BATCHING_FIELDS, Batching, DecodeOptions
 from cllm_jax.decode.prefill import bucket_length, cache_length_for, make_prompt_batch
 from cllm_jax.decode.registry import get_method
 from cllm_jax.decode.state import DecodeOutput
@@ -72,14 +72,16 @@ class Decoder:
     """Decode lists of token-id prompts with one method; compiled functions are cached per shape.
 
     Decoder(model, "jacobi-rolling", block_size=8, max_new_tokens=256, batch_size=4): the keyword
-    values are the method's options (cllm_jax/decode/registry.py), or pass `options=` built already.
+    values are the method's options (cllm_jax/decode/registry.py), or pass `options=` built already,
+    and the Batching fields (batch_size, guess_seed), which no method's options hold.
     With a `mesh` (default: the one decode_mesh.activate set, if any) the model moves onto it, in place.
     """
 
-    def __init__(self, model: CausalLM, method: str = "ar", *, batch_size: int = 1, seed: int = 0,
-                 options: DecodeOptions | None = None, mesh=None, **values):
+    def __init__(self, model: CausalLM, method: str = "ar", *, options: DecodeOptions | None = None, mesh=None,
+                 **values):
         self.model = model
         self.method = get_method(method)
+        batching = Batching(**{name: values.pop(name) for name in BATCHING_FIELDS if name in values})
         if options is not None and values:
             raise ConfigError("pass the options either as `options=` or as keyword values, not both")
         self.options = options if options is not None else self.method.make_options(**values)
@@ -89,9 +91,8 @@ class Decoder:
         if self.method.needs_adapter and getattr(model, "adapter", None) is None:
             raise ConfigError(f"method {method} drafts with an adapter but the model has none: load one "
                               f"(decode.py --draft-adapter DIR) or train one (train.adapter)")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size, self.seed = batch_size, seed
+        batch_size = self.batch_size = batching.batch_size
+        self.guess_seed = batching.guess_seed
         self._compiled: dict[tuple, object] = {}
         self._caches: dict[tuple, KVCache] = {}
         self.mesh = decode_mesh.active() if mesh is None else mesh
@@ -158,7 +159,7 @@ class Decoder:
         noise, so a prompt decodes the same in any batch, shard or resumed run.
         """
         o, config, size = self.options, self.model.config, self.batch_size
-        key = jax.random.key(self.seed)
+        key = jax.random.key(self.guess_seed)
         row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
         if prompts:  # the largest cache this call needs fits (or one line says so) before anything is built
             self._cache_shape(size, bucket_length(max(len(p) for p in prompts)))

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from cllm_jax.decode.options import INIT_STRATEGIES, JacobiOptions
-from cllm_jax.decode.state import Progress
-
+from cllm_jax.decode.state import Text
 
 
 def guess_tokens(
@@ -18,14 +17,11 @@ def guess_tokens(
     strategy: str,
     shape: tuple[int, int],
     first: jax.Array,
-    prompt_tokens: jax.Array,
-    prompt_lengths: jax.Array,
-    generated: jax.Array,
-    generated_lengths: jax.Array,
+    text: Text,
     vocab_size: int,
     pad_id: int,
 ) -> jax.Array:
-    """Guesses of `shape` [B, m] for the positions after the known token `first` [B].
+    """Guesses of `shape` [B, m] for the positions after the known token `first` [B] that follows `text`.
 
     prefix-sample (the reference default) draws uniformly with replacement from the current prefix:
     the prompt plus everything generated so far. Random draws are keyed by (row seed, position of the
@@ -43,8 +39,8 @@ def guess_tokens(
     if strategy == "random-vocab":
         return draw(jnp.full((shape[0],), vocab_size, jnp.int32))
     if strategy in ("prefix-sample", "lookup"):  # lookup: where the text has no earlier match (lookup_guesses)
-        prefix_lengths = prompt_lengths + generated_lengths
-        index = draw(prefix_lengths)
+        prompt_tokens, prompt_lengths, generated = text.prompt_tokens, text.prompt_lengths, text.generated
+        index = draw(text.lengths)
         in_prompt = index < prompt_lengths[:, None]
         from_prompt = jnp.take_along_axis(prompt_tokens, jnp.minimum(index, prompt_tokens.shape[1] - 1), axis=1)
         gen_index = jnp.clip(index - prompt_lengths[:, None], 0, generated.shape[1] - 1)
@@ -53,13 +49,7 @@ def guess_tokens(
     raise ValueError(f"unknown initial guess '{strategy}' (choose from {', '.join(INIT_STRATEGIES)})")
 
 
-def lookup_guesses(
-    window: jax.Array,
-    prompt_tokens: jax.Array,
-    prompt_lengths: jax.Array,
-    generated: jax.Array,
-    generated_lengths: jax.Array,
-) -> jax.Array:
+def lookup_guesses(window: jax.Array, text: Text) -> jax.Array:
     """Prompt lookup as a Jacobi guess: window[:, 1:] continues the text from an earlier match.
 
     The known text of a row is prompt ++ generated ++ window[:, 0] (the window's first token is
@@ -70,57 +60,53 @@ def lookup_guesses(
     fixed point is found, never what it is, and this one costs no extra rows.
     """
     batch, n = window.shape
+    prompt_tokens, generated = text.prompt_tokens, text.generated
     prompt_width, generated_width = prompt_tokens.shape[1], generated.shape[1]
     index = jnp.arange(prompt_width + generated_width + 1, dtype=jnp.int32)[None, :]
-    prompt_end = prompt_lengths[:, None]
-    generated_end = prompt_end + generated_lengths[:, None]
+    prompt_end = text.prompt_lengths[:, None]
+    generated_end = text.lengths[:, None]
     key_end = generated_end  # the index of the key's last token, window[:, 0]
 
     def at(tokens, i):
         return jnp.take_along_axis(tokens, jnp.clip(i, 0, tokens.shape[1] - 1), axis=1)
 
-    text = jnp.where(index < prompt_end, at(prompt_tokens, index),
-                     jnp.where(index < generated_end, at(generated, index - prompt_end), window[:, :1]))  # fmt: skip
-    last, before = window[:, :1], at(text, key_end - 1)
-    previous = jnp.pad(text[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-    one = (index < key_end) & (text == last)  # an earlier occurrence, not the key itself
+    known = jnp.where(index < prompt_end, at(prompt_tokens, index),
+                      jnp.where(index < generated_end, at(generated, index - prompt_end), window[:, :1]))  # fmt: skip
+    last, before = window[:, :1], at(known, key_end - 1)
+    previous = jnp.pad(known[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    one = (index < key_end) & (known == last)  # an earlier occurrence, not the key itself
     two = one & (index >= 1) & (previous == before)
     latest_two, latest_one = (jnp.max(jnp.where(m, index, -1), axis=1) for m in (two, one))
     match_end = jnp.where(latest_two >= 0, latest_two, latest_one)[:, None]  # [B, 1], -1: none
     period = jnp.maximum(key_end - match_end, 1)
     offset = jnp.arange(n - 1, dtype=jnp.int32)[None, :]
-    copied = at(text, match_end + 1 + jnp.mod(offset, period))
+    copied = at(known, match_end + 1 + jnp.mod(offset, period))
     rest = jnp.where(match_end >= 0, copied, window[:, 1:])
     return jnp.concatenate([window[:, :1], rest], axis=1)
 
 
-def guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions,
-                vocab: int) -> jax.Array:
+def guess_block(key, row_seeds, first, text: Text, *, options: JacobiOptions, vocab: int) -> jax.Array:
     """`first` [B], then n - 1 drawn guesses, before any lookup."""
-    rest = guess_tokens(
-        key, row_seeds, prompt_lengths + progress.lengths, strategy=options.init,
-        shape=(first.shape[0], options.block_size - 1), first=first, prompt_tokens=prompt_tokens,
-        prompt_lengths=prompt_lengths, generated=progress.generated, generated_lengths=progress.lengths,
-        vocab_size=vocab, pad_id=options.pad_id,
-    )  # fmt: skip
+    shape = (first.shape[0], options.block_size - 1)
+    rest = guess_tokens(key, row_seeds, text.lengths, strategy=options.init, shape=shape, first=first, text=text,
+                        vocab_size=vocab, pad_id=options.pad_id)
     return jnp.concatenate([first[:, None], rest], axis=1)
 
 
-def refill_by_lookup(window, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions):
+def refill_by_lookup(window, text: Text, *, options: JacobiOptions):
     """With init "lookup", window[:, 1:] continues the text by prompt lookup where the text has a match.
 
-    window[:, 0] is final and follows the committed text (progress.generated) in every method. In
+    window[:, 0] is final and follows the committed text (text.generated) in every method. In
     a rolling or multiblock window, slots 1.. hold predictions made after a token that was just
     rejected; the lookup is keyed on final tokens only, so where it finds a match it replaces them
     (looking up only the freed tail slots halved the TPF gain in a measurement on a trained model).
     """
     if options.init != "lookup":
         return window
-    return lookup_guesses(window, prompt_tokens, prompt_lengths, progress.generated, progress.lengths)
+    return lookup_guesses(window, text)
 
 
-def next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress: Progress, options: JacobiOptions,
-               vocab: int) -> jax.Array:
+def next_guess(key, row_seeds, first, text: Text, *, options: JacobiOptions, vocab: int) -> jax.Array:
     """A fresh block: the known token `first` [B], then n - 1 guesses (by lookup where init is "lookup")."""
-    block = guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
-    return refill_by_lookup(block, prompt_tokens, prompt_lengths, progress, options)
+    block = guess_block(key, row_seeds, first, text, options=options, vocab=vocab)
+    return refill_by_lookup(block, text, options=options)

@@ -26,7 +26,7 @@ from cllm_jax.decode.guess import next_guess
 from cllm_jax.decode.options import JacobiOptions, option
 from cllm_jax.decode.prefill import prefill
 from cllm_jax.decode.sampling import choose_tokens
-from cllm_jax.decode.state import DecodeOutput, Int, Progress, commit, start_progress
+from cllm_jax.decode.state import DecodeOutput, Int, Progress, Text, commit, start_progress
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.interface import CausalLM
 
@@ -55,7 +55,8 @@ def begin(model, prompt_tokens, prompt_lengths, row_seeds, cache, key, options: 
     first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, options.sampling)
     progress = start_progress(first, options, room)
     vocab = model.config.vocab_size
-    return cache, progress, next_guess(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, options, vocab)
+    text = Text.of(prompt_tokens, prompt_lengths, progress)
+    return cache, progress, next_guess(key, row_seeds, first, text, options=options, vocab=vocab)
 
 
 @jax.tree_util.register_dataclass
@@ -133,7 +134,8 @@ def generate_jacobi(
         p = commit(p, state.block, jnp.full((batch,), n), converged, options)
         seed = predicted[:, -1]
         p = commit(p, seed[:, None], jnp.ones_like(zeros), converged, options, only_if_final=True)
-        fresh = next_guess(key, row_seeds, seed, prompt_tokens, prompt_lengths, p, options, vocab)
+        text = Text.of(prompt_tokens, prompt_lengths, p)
+        fresh = next_guess(key, row_seeds, seed, text, options=options, vocab=vocab)
         if options.record:
             trajectory, states = _record(trajectory, states, fresh, p, 0, converged & ~p.done)
         return _State(

@@ -101,6 +101,21 @@ class Sampling(Options):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Batching(Options):
+    """How prompts are grouped and keyed, which no method's output depends on except through the seed of
+    random guesses: batching changes no output (the tests decode batch 1 and 4 alike). Two seeds, named
+    as two: `guess_seed` keys random initial guesses (init random-vocab, prefix-sample), Sampling.seed the
+    sampling noise; each is combined with the prompt's index, so a prompt decodes alike in any batch."""
+
+    batch_size: int = option(1, "prompts decoded side by side (batching changes no output)", at_least=1)
+    guess_seed: int = option(0, "the seed of random initial guesses (init random-vocab / prefix-sample)",
+                             at_least=0, at_most=SEED_MAX)
+
+
+BATCHING_FIELDS = tuple(field.name for field in dataclasses.fields(Batching))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecodeOptions(Options):
     """What every method takes."""
 

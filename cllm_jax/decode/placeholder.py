@@ -36,7 +36,7 @@ from cllm_jax.decode.guess import guess_tokens, lookup_guesses
 from cllm_jax.decode.options import INIT_STRATEGIES, DecodeOptions, option
 from cllm_jax.decode.prefill import prefill
 from cllm_jax.decode.sampling import choose_tokens
-from cllm_jax.decode.state import DecodeOutput, Progress, accepted_prefix, commit, start_progress
+from cllm_jax.decode.state import DecodeOutput, Progress, Text, accepted_prefix, commit, start_progress
 from cllm_jax.errors import ConfigError
 from cllm_jax.model.interface import CausalLM
 from cllm_jax.model.kv_cache import KVCache
@@ -136,14 +136,14 @@ class _State:
     step: jax.Array  # [] int32
 
 
-def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, o: PlaceholderOptions, vocab: int):
+def _guesses(key, row_seeds, first, text: Text, *, options: PlaceholderOptions, vocab: int):
     """[B, k + 1]: `first` [B], then k guesses (by lookup where the text has a match, with init lookup)."""
-    rest = guess_tokens(key, row_seeds, prompt_lengths + p.lengths, strategy=o.init, shape=(first.shape[0], o.drafts),
-                        first=first, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths, generated=p.generated,
-                        generated_lengths=p.lengths, vocab_size=vocab, pad_id=o.pad_id)
+    o = options
+    rest = guess_tokens(key, row_seeds, text.lengths, strategy=o.init, shape=(first.shape[0], o.drafts), first=first,
+                        text=text, vocab_size=vocab, pad_id=o.pad_id)
     window = jnp.concatenate([first[:, None], rest], axis=1)
     if o.init == "lookup":
-        window = lookup_guesses(window, prompt_tokens, prompt_lengths, p.generated, p.lengths)
+        window = lookup_guesses(window, text)
     return window
 
 
@@ -184,7 +184,7 @@ def generate_placeholder(
     first, cache = prefill(model, prompt_tokens, prompt_lengths, row_seeds, cache, o.sampling,
                            adapter_gate=jnp.zeros(prompt_tokens.shape))
     progress = start_progress(first, o, k + 1)
-    window = _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, o, vocab)
+    window = _guesses(key, row_seeds, first, Text.of(prompt_tokens, prompt_lengths, progress), options=o, vocab=vocab)
     state = _State(cache, progress, window, jnp.zeros((batch, 1 + num_candidates, k + 2), jnp.int32), jnp.int32(0))
     rows = jnp.arange(batch)
 
@@ -195,7 +195,7 @@ def generate_placeholder(
         positions = frontier[:, None] + depth  # [B, T]
         candidates = [window]
         if num_candidates > 1:
-            candidates.append(lookup_guesses(window, prompt_tokens, prompt_lengths, p.generated, p.lengths))
+            candidates.append(lookup_guesses(window, Text.of(prompt_tokens, prompt_lengths, p)))
         real = jnp.concatenate([window] + [c[:, 1:] for c in candidates[1:]], axis=1)  # [B, C*k + 1]
         tokens = jnp.where(is_placeholder, placeholder_ids,
                            jnp.pad(real, ((0, 0), (0, tree.size - real.shape[1]))))  # [B, T]
@@ -229,7 +229,7 @@ def generate_placeholder(
         p = commit(p, committed_tokens, accepted, active, o)
         group = jnp.asarray(tree.groups)[winner, accepted - 1]  # [B] first placeholder of the group, -1: none
         drafted = jnp.take_along_axis(predicted, jnp.maximum(group, 0)[:, None] + jnp.arange(k), axis=1)
-        fallback = _guesses(key, row_seeds, bonus, prompt_tokens, prompt_lengths, p, o, vocab)
+        fallback = _guesses(key, row_seeds, bonus, Text.of(prompt_tokens, prompt_lengths, p), options=o, vocab=vocab)
         new_window = jnp.where((group >= 0)[:, None], jnp.concatenate([bonus[:, None], drafted], axis=1), fallback)
         p = commit(p, new_window[:, :1], jnp.ones((batch,), jnp.int32), active, o, only_if_final=True)
         keep_old = ~active

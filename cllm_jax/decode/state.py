@@ -63,6 +63,28 @@ class Progress:
     stationary: Int["B"]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Text:
+    """A row's text so far, what guesses are drawn from and copied out of: the prompt, then what was
+    committed. One bundle, so the guess functions take it instead of four arrays in a fixed order."""
+
+    prompt_tokens: Int["B P"]  # left-aligned, valid up to prompt_lengths
+    prompt_lengths: Int["B"]
+    generated: Int["B max_new+room"]  # valid up to generated_lengths
+    generated_lengths: Int["B"]
+
+    @classmethod
+    def of(cls, prompt_tokens: jax.Array, prompt_lengths: jax.Array, progress: Progress) -> "Text":
+        return cls(prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths, generated=progress.generated,
+                   generated_lengths=progress.lengths)
+
+    @property
+    def lengths(self) -> jax.Array:
+        """[B] tokens of text per row: the position the next committed token takes."""
+        return self.prompt_lengths + self.generated_lengths
+
+
 def start_progress(first: jax.Array, options: DecodeOptions, room: int) -> Progress:
     """Progress after the prefill's token `first` [B]; `room`: slots past the budget a commit may write."""
     batch = first.shape[0]

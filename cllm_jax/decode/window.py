@@ -58,7 +58,8 @@ import jax.numpy as jnp
 from cllm_jax.decode import drafting
 from cllm_jax.decode.guess import guess_block, guess_tokens, refill_by_lookup
 from cllm_jax.decode.options import JacobiOptions, option
-from cllm_jax.decode.state import DecodeOutput, Progress, accepted_prefix, commit, start_progress, truncate_at_eos
+from cllm_jax.decode.state import (DecodeOutput, Progress, Text, accepted_prefix, commit, start_progress,
+                                    truncate_at_eos)
 from cllm_jax.model.kv_cache import KVCache
 from cllm_jax.model.interface import CausalLM
 
@@ -110,16 +111,14 @@ class _State:
     step: jax.Array
 
 
-def _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, p: Progress, o: JacobiOptions, blocks: int, vocab):
+def _guesses(key, row_seeds, first, text: Text, *, options: JacobiOptions, blocks: int, vocab: int):
     """K * n draft slots of guesses; slot 0 is `first`, slots 1..n-1 are exactly rolling Jacobi's guesses."""
-    parts = [guess_block(key, row_seeds, first, prompt_tokens, prompt_lengths, p, o, vocab)]
+    o = options
+    parts = [guess_block(key, row_seeds, first, text, options=o, vocab=vocab)]
     for j in range(1, blocks):
-        parts.append(guess_tokens(
-            key, row_seeds, prompt_lengths + p.lengths + j * o.block_size, strategy=o.init,
-            shape=(first.shape[0], o.block_size), first=first, prompt_tokens=prompt_tokens,
-            prompt_lengths=prompt_lengths, generated=p.generated, generated_lengths=p.lengths, vocab_size=vocab,
-            pad_id=o.pad_id,
-        ))  # fmt: skip
+        parts.append(guess_tokens(key, row_seeds, text.lengths + j * o.block_size, strategy=o.init,
+                                  shape=(first.shape[0], o.block_size), first=first, text=text, vocab_size=vocab,
+                                  pad_id=o.pad_id))  # fmt: skip
     return jnp.concatenate(parts, axis=1)
 
 
@@ -172,8 +171,9 @@ def generate_window(
     first, cache = drafting.start(model, layout, prompt_tokens, prompt_lengths, row_seeds, cache, o.sampling)
     # Room for a whole window past the budget (commit writes the window, then counts what it keeps).
     progress = start_progress(first, o, width)
-    window = _guesses(key, row_seeds, first, prompt_tokens, prompt_lengths, progress, o, shape.blocks, vocab)
-    window = refill_by_lookup(window, prompt_tokens, prompt_lengths, progress, o)
+    text = Text.of(prompt_tokens, prompt_lengths, progress)
+    window = _guesses(key, row_seeds, first, text, options=o, blocks=shape.blocks, vocab=vocab)
+    window = refill_by_lookup(window, text, options=o)
     if recycle:
         # One cache row per candidate: each shares the committed prefix (copied here once, then kept in step).
         cache = cache.map_layers(lambda layer: jnp.repeat(layer, group, axis=0))
@@ -252,10 +252,11 @@ def generate_window(
         source = accepted[:, None] - 1 + offsets
         shifted = jnp.take_along_axis(drafted_win, jnp.minimum(source, width - 1), axis=1)
         shifted = shifted.at[:, 0].set(jnp.take_along_axis(verified_win, accepted[:, None] - 1, axis=1)[:, 0])
-        guesses = _guesses(key, row_seeds, shifted[:, 0], prompt_tokens, prompt_lengths, p, o, shape.blocks, vocab)
+        text = Text.of(prompt_tokens, prompt_lengths, p)
+        guesses = _guesses(key, row_seeds, shifted[:, 0], text, options=o, blocks=shape.blocks, vocab=vocab)
         from_prediction = source < live[:, None]
         new_window = jnp.where(from_prediction, shifted, guesses)
-        new_window = refill_by_lookup(new_window, prompt_tokens, prompt_lengths, p, o)
+        new_window = refill_by_lookup(new_window, text, options=o)
         old_index = source + 1
         old_token = jnp.take_along_axis(tokens, jnp.minimum(old_index, width - 1), axis=1)
         old_set_at = jnp.take_along_axis(

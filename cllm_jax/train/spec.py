@@ -69,8 +69,9 @@ def record_rng(seed: int, epoch: int, example: int, k: int = 0) -> np.random.Gen
 
 def chosen_pairs(record: TrajectoryRecord, rng: np.random.Generator, spec: BatchSpec, epoch: int = 0):
     """The (student, target) state pairs a record trains on under `spec` in `epoch`."""
-    picks = states_lib.pick_states(record, rng, spec.noise_schedule, spec.states_per_block, spec.noise_window,
-                                   spec.noise_min, spec.noise_max, spec.eos_id, epoch)
+    picks = states_lib.pick_states(record, rng, spec.noise_schedule, count=spec.states_per_block,
+                                   window=spec.noise_window, low=spec.noise_min, high=spec.noise_max,
+                                   eos_id=spec.eos_id, epoch=epoch)
     return states_lib.state_pairs(record, picks, spec.consistency)
 
 

@@ -114,7 +114,7 @@ def schedule_targets(schedule: str, window: int, low: float, high: float) -> np.
     return targets[::-1] if schedule == "reverse" else targets
 
 
-def pick_states(record: TrajectoryRecord, rng: np.random.Generator, schedule: str = "uniform", count: int = 1,
+def pick_states(record: TrajectoryRecord, rng: np.random.Generator, schedule: str = "uniform", *, count: int = 1,
                 window: int = 16, low: float = 0.0, high: float = 1.0, eos_id: int | None = None,
                 epoch: int = 0) -> list[int]:
     """Indices into record.answer_trajectory_ids of the `count` states to train on (see the module
