@@ -20,10 +20,12 @@ def release_compiled_programs():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """Our SmolLM2: the built-in default model (GGUF converted once to a cached Hugging Face dir)."""
+    """Our SmolLM2: the built-in default model (GGUF converted once to a cached Hugging Face dir), under the
+    scan layer loop: it compiles in a fifth of per_layer's time (the CPU's decoding default), and the
+    tests that use it compare methods on the same model; test_layer_loop holds the loops equal."""
     from cllm_jax.weights.load import load_model
 
-    return load_model(None)
+    return load_model(None, layer_loop="scan")
 
 
 @pytest.fixture(scope="session")

@@ -310,7 +310,7 @@ def bench_shape(shape: str, args, clock) -> dict:
     if shape in TRAIN_ROWS and "train" not in args.skip:
         rows = args.train_rows or TRAIN_ROWS[shape]
         train = optional("train", lambda: time_train(config.replace(layer_loop=resolve_layer_loop(
-            args.train_layer_loop, config)), rows, args.train_len, args.remat, args.train_steps))
+            args.train_layer_loop, config, training=True)), rows, args.train_len, args.remat, args.train_steps))
         if train:
             train["mfu"] = train["model_flops"] / train["step_s"] / (tflops * 1e12) if tflops else None
             row["train"] = train

@@ -4,7 +4,8 @@ One decoder layer (`decoder_layer`), run by one of two loops (`ModelConfig.layer
 - "scan": `lax.scan` over weights stacked along a leading `layers` axis. XLA compiles one layer
   body instead of 30 copies: seconds of compile time on a CPU, and the fastest for small models on a
   GPU (few kernel launches). But each step slices its layer's weights and cache out of the stacked
-  buffers, which at 7B costs more than the matmuls.
+  buffers, which at 7B on a GPU, and at any size in a CPU's decoding step, costs about as much as the
+  matmuls themselves (both are reads of every weight).
 - "per_layer": a Python loop, so XLA sees each layer as straight-line code. With per-layer weight and
   cache arrays (`unstack_layers`, the decoding layout) nothing is sliced: the fastest at 7B on a GPU.
 
@@ -87,15 +88,20 @@ def param_count(config: ModelConfig) -> int:
     return config.vocab_size * config.hidden_size + head + config.num_layers * layer + config.hidden_size
 
 
-def resolve_layer_loop(choice: str, config: ModelConfig, backend: str | None = None) -> str:
-    """"scan" or "per_layer" for a choice of auto|scan|per_layer: auto = scan on a CPU (compile
-    time), and on an accelerator per_layer from PER_LAYER_MIN_PARAMS parameters."""
+def resolve_layer_loop(choice: str, config: ModelConfig, backend: str | None = None, *,
+                       training: bool = False) -> str:
+    """"scan" or "per_layer" for a choice of auto|scan|per_layer. auto on a CPU: per_layer to decode,
+    scan to train. A CPU decoding step is bound by reading the weights, and the scan reads each layer
+    twice (the slice out of the stacked buffer, then the matmuls): per_layer ran SmolLM2's AR steps
+    1.7x faster, for 13 s of compilation against 2 (benchmarks/speed/layer_loop.py). A training step
+    is bound by its arithmetic, where the slice is cheap and one compiled layer keeps compile time
+    short. On an accelerator: per_layer from PER_LAYER_MIN_PARAMS parameters."""
     if choice in LAYER_LOOPS:
         return choice
     if choice != "auto":
         raise ConfigError(f"layer loop {choice!r} is not one of auto, {', '.join(LAYER_LOOPS)}")
     if (backend or jax.default_backend()) == "cpu":
-        return "scan"
+        return "scan" if training else "per_layer"
     return "per_layer" if param_count(config) >= PER_LAYER_MIN_PARAMS else "scan"
 
 

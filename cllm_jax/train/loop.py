@@ -133,7 +133,7 @@ def run(config: TrainConfig, *, model=None, tokenizer=None, records: list[Trajec
     else:
         model.config = model.config.replace(dtype=config.model.dtype)
     # Train states and checkpoints hold the stacked layout whichever layer loop runs.
-    model = stack_layers(model, resolve_layer_loop(config.model.layer_loop, model.config))
+    model = stack_layers(model, resolve_layer_loop(config.model.layer_loop, model.config, training=True))
     model.config = model.config.replace(attention=config.model.attention)
     if main:
         _write_config(run_dir, config)

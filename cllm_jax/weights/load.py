@@ -53,7 +53,7 @@ def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", lay
         return dataclasses.replace(loaded, adapter=path)
     hf_config, tensors = _read_checkpoint(path)
     config = ModelConfig.from_hf(hf_config, dtype=dtype)
-    config = config.replace(layer_loop=resolve_layer_loop(layer_loop, config))
+    config = config.replace(layer_loop=resolve_layer_loop(layer_loop, config, training=bool(stacked)))
     model = model_from_hf_tensors(config, tensors, stacked=stacked)
     if weights_dtype not in (None, "float32"):
         cast_matrices(model, weights_dtype)
