@@ -26,7 +26,7 @@ def checkpoint_logits(run_dir, model_dir, step: int) -> np.ndarray:
     from cllm_jax.train.config import OptimSection
     from cllm_jax.weights.load import load_model
 
-    model = load_model(model_dir).model
+    model = load_model(model_dir, stacked=True).model  # a training state's layout: the stacked weights
     graphdef, params = nnx.split(model)
     tx, _ = step_lib.make_optimizer(OptimSection(lr=1e-3), 8)
     shardings = step_lib.state_shardings(params, tx, mesh_lib.single_device_mesh())
