@@ -118,7 +118,7 @@ def _guesses(key, row_seeds, first, text: Text, *, options: JacobiOptions, block
     for j in range(1, blocks):
         parts.append(guess_tokens(key, row_seeds, text.lengths + j * o.block_size, strategy=o.init,
                                   shape=(first.shape[0], o.block_size), first=first, text=text, vocab_size=vocab,
-                                  pad_id=o.pad_id))  # fmt: skip
+                                  pad_id=o.pad_id))
     return jnp.concatenate(parts, axis=1)
 
 

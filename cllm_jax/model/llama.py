@@ -93,7 +93,8 @@ def resolve_layer_loop(choice: str, config: ModelConfig, backend: str | None = N
     """"scan" or "per_layer" for a choice of auto|scan|per_layer. auto on a CPU: per_layer to decode,
     scan to train. A CPU decoding step is bound by reading the weights, and the scan reads each layer
     twice (the slice out of the stacked buffer, then the matmuls): per_layer ran SmolLM2's AR steps
-    1.7x faster, for 13 s of compilation against 2 (benchmarks/speed/layer_loop.py). A training step
+    1.33x faster and Qwen2.5-0.5B's 2.29x, for about 8 s of compilation against 2
+    (benchmarks/speed/layer_loop.py). A training step
     is bound by its arithmetic, where the slice is cheap and one compiled layer keeps compile time
     short. On an accelerator: per_layer from PER_LAYER_MIN_PARAMS parameters."""
     if choice in LAYER_LOOPS:

@@ -53,6 +53,8 @@ def load_model(arg: str | os.PathLike | None = None, dtype: str = "float32", lay
         return dataclasses.replace(loaded, adapter=path)
     hf_config, tensors = _read_checkpoint(path)
     config = ModelConfig.from_hf(hf_config, dtype=dtype)
+    # stacked storage is training's layout, which auto runs with the scan (per_layer pays off only with
+    # per-layer arrays, the decoding layout)
     config = config.replace(layer_loop=resolve_layer_loop(layer_loop, config, training=bool(stacked)))
     model = model_from_hf_tensors(config, tensors, stacked=stacked)
     if weights_dtype not in (None, "float32"):
