@@ -73,7 +73,9 @@ def train_main(argv: list[str]) -> None:
     last = result.last_metrics
     summary = f"trained {result.steps} steps in {result.run_dir}"
     if last:
-        summary += f"; last loss {last['loss']:.4f} (consistency {last['loss_consistency']:.4f}, ar {last['loss_ar']:.4f})"
+        # each objective names its own terms (consistency and AR, or the drafter's weighted and first-draft loss)
+        terms = ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
+        summary += f"; last loss {last['loss']:.4f} ({terms})"
     if result.export_dir is not None:
         summary += f"; model exported to {result.export_dir}"
     print(summary)

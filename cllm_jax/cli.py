@@ -132,6 +132,13 @@ def run_commands(
     except KeyboardInterrupt:
         print(f"interrupted: {resume_hint}", file=sys.stderr)
         return 130
+    except Exception as error:  # XLA's allocation failure: its message is a page, the fix one line
+        if type(error).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        wanted = str(error).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+        print(f"error: out of memory ({wanted}): lower --batch-size or --max-new-tokens, or shorten the longest "
+              f"prompts; {resume_hint}", file=sys.stderr)
+        return error_status
     return 0
 
 

@@ -256,6 +256,11 @@ CASES = [
      "method jacobi-lossless drafts with the adapter, which merging would fold into the weights"),
     ("--prompts a directory", ["--prompts", "PDIR"], a_directory, "PDIR is a directory: give a JSONL file"),
     ("demo --limit 0", ["demo", "--limit", "0"], None, "demo --limit must be at least 1, got 0"),
+    ("acceptance --drafts 0", ["acceptance", "--draft-adapter", "smollm2-gsm8k", "--drafts", "0", "--prompt-ids",
+                               "1,2"], None, "acceptance --drafts must be at least 1, got 0"),
+    ("acceptance of a consistency adapter", ["acceptance", "--model", "TINYDIR", "--draft-adapter", "ADAPTER",
+                                             "--prompt-ids", "1,2"], adapter_copy,
+     "--draft-adapter ADAPTER is not a placeholder drafter (it has no placeholder embeddings)"),
     ("collect batch=0", collect_with(batch_size="0"), None, "--batch-size must be at least 1"),
     ("collect block=0", collect_with(block_size="0"), None, "--block-size must be at least 1"),
     ("collect max-new=0", collect_with(max_new_tokens="0"), None, "--max-new-tokens must be at least 1"),
@@ -271,7 +276,8 @@ CASES = [
 @pytest.mark.parametrize("case, argv, setup, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(case, argv, setup, message, tiny_dir, chat_dir, prompts, tmp_path, monkeypatch,
                                capsys):  # fmt: skip
-    names = {"CHAT": str(chat_dir), "PROMPTS": str(prompts), "OUT": str(tmp_path / "out"), "RO": str(tmp_path / "ro")}
+    names = {"CHAT": str(chat_dir), "PROMPTS": str(prompts), "OUT": str(tmp_path / "out"), "RO": str(tmp_path / "ro"),
+             "TINYDIR": str(tiny_dir)}
     TINY[:] = [tiny_dir]
     if callable(setup):
         names |= setup(tmp_path)
@@ -279,7 +285,7 @@ def test_bad_input_is_one_line(case, argv, setup, message, tiny_dir, chat_dir, p
         read_only(monkeypatch, tmp_path / "ro")
     elif setup == "disk-full":
         disk_full_after(monkeypatch, prompts_written=1)
-    if argv[0] not in ("collect", "demo") and "--model" not in argv:
+    if argv[0] not in ("collect", "demo", "acceptance") and "--model" not in argv:
         argv = ["--model", str(tiny_dir), *argv]
     substitute = lambda text: next((text.replace(k, v) for k, v in names.items() if k in text), text)  # noqa: E731
     status = decode.main([substitute(a) for a in argv])
@@ -355,3 +361,21 @@ def test_draft_adapter_takes_the_run_that_trained_it(tiny_dir, tmp_path, capsys)
         outputs.append(json.loads(capsys.readouterr().out))
     assert outputs[0]["method"] == outputs[1]["method"] == "jacobi-lossless"
     assert outputs[0]["token_ids"] == outputs[1]["token_ids"]
+
+
+def test_running_out_of_memory_is_one_line(tiny_dir, monkeypatch, capsys):
+    """XLA's allocation failure (a long prompt's prefill at a large batch) names the settings that shrink it."""
+    import jax
+
+    from cllm_jax.decode.engine import Decoder
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29395389256 bytes.\nmore")
+
+    monkeypatch.setattr(Decoder, "_run", exhausted)
+    status = decode.main(["--model", str(tiny_dir), "--prompt-ids", "1,2"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if "\r" not in line and line.strip()]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error: out of memory (Out of memory allocating 29395389256 bytes.): lower "
+                               "--batch-size or --max-new-tokens, or shorten the longest prompts"), err

@@ -335,6 +335,16 @@ def test_a_finished_run_reruns_read_only_without_writing(straight, capsys):
     assert {p: p.stat().st_mtime_ns for p in straight.rglob("*")} == files
 
 
+def test_a_drafter_run_ends_naming_its_own_loss_terms(base, inputs, capsys):
+    config = config_file(base / "drafter", inputs, optim={"max_steps": 2}, adapter={"rank": 4, "alpha": 8},
+                         drafter={"placeholders": 2, "anchors": 4})
+    capsys.readouterr()
+    assert train.main(["--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    assert re.search(r"last loss [\d.]+ \(draft [\d.]+, first_draft [\d.]+\); model exported to", out), out
+
+
 def test_a_real_write_failure_is_one_line(base, inputs):
     """A file size limit makes tensorstore's writes fail for real: orbax then logs hundreds of lines."""
     config = config_file(base / "fsize", inputs)

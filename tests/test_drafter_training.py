@@ -14,6 +14,7 @@ import torch
 
 from cllm_jax.data.collect import CollectOptions, records_for
 from cllm_jax.decode.engine import Decoder, summarize
+from cllm_jax.evaluate.draft_acceptance import draft_acceptance
 from cllm_jax.model import adapter as adapter_lib
 from cllm_jax.train.config import config_from_dict
 from cllm_jax.train.drafter import DrafterSpec, drafter_row, forward
@@ -89,6 +90,28 @@ def test_a_trained_drafter_drafts_what_the_base_accepts(tmp_path, target):
     assert after > before + (0.5 if target == "tokens" else 0.2), (before, after)
     if target == "tokens":  # (the base target is a soft cross-entropy: it keeps the teacher's entropy)
         assert result.last_metrics["loss_first_draft"] < 3.0
+        _offline_acceptance_matches_plain_forwards_and_decoding(trained, prompts, generations, after)
+
+
+def _offline_acceptance_matches_plain_forwards_and_decoding(model, prompts, generations, decoded_tpf):
+    """draft_acceptance counts, at every anchor, the drafts of one plain forward over [text up to the
+    anchor, placeholders]; its replay of decoding's passes gives the drafter-alone TPF decoding measured."""
+    vocab = model.config.vocab_size
+    sequences = [(p + g.token_ids, len(p)) for p, g in zip(prompts, generations)]
+    figures = draft_acceptance(model, sequences, drafts=K)
+    hits, anchors = np.zeros(K), 0
+    for text, prompt_length in sequences[:2]:
+        for anchor in range(prompt_length - 1, len(text) - 1 - K):  # every anchor whose K labels exist
+            tokens = jnp.asarray([text[: anchor + 1] + [vocab + j for j in range(K)]])
+            hidden, _ = model(tokens, jnp.arange(tokens.shape[1])[None], adapter_gate=(tokens >= vocab))
+            drafts = np.argmax(np.asarray(model.logits(hidden[0, -K:])), axis=-1)
+            hits += np.cumprod(drafts == np.asarray(text[anchor + 2: anchor + 2 + K]))
+            anchors += 1
+    two = draft_acceptance(model, sequences[:2], drafts=K)
+    assert two["anchors"] == anchors
+    np.testing.assert_allclose(two["by_position"], hits / anchors)
+    assert figures["by_position"][0] > 0.3  # a trained drafter: the check above counted real hits
+    assert abs(figures["replayed_tpf"] - decoded_tpf) < 0.15, (figures, decoded_tpf)
 
 
 def test_peft_loads_the_exported_lora_part_and_we_load_the_whole_drafter(tmp_path):
