@@ -25,11 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cllm_jax.errors import ConfigError, DataError
-from cllm_jax.train.drafter import DrafterSpec, drafter_row, forward
+from cllm_jax.train.drafter import ROW_KEYS, DrafterSpec, drafter_row, forward
 from cllm_jax.train.spec import round_up, stack_rows
-
-_KEYS = {"text": ("T", np.int32), "anchor": ("P", np.int32), "group": ("P", np.int32),
-         "draft_index": ("P", np.int32), "labels": ("P", np.int32), "weights": ("P", np.float32)}
 
 
 @jax.jit
@@ -68,7 +65,7 @@ def draft_acceptance(model, sequences: Sequence[tuple[Sequence[int], int]], *, d
         chunk = rows[start: start + batch_size]
         dims = {"T": round_up(max(len(r["text"]) for r in chunk), 64),
                 "P": round_up(max(len(r["anchor"]) for r in chunk), 64)}
-        micro = {k: v[0] for k, v in stack_rows(chunk, _KEYS, dims, (1, len(chunk))).items()}
+        micro = {k: v[0] for k, v in stack_rows(chunk, ROW_KEYS, dims, (1, len(chunk))).items()}
         right = np.asarray(_drafts_right(model, micro))
         for row, row_right in zip(chunk, right):
             groups = len(row["anchor"]) // drafts
