@@ -451,7 +451,8 @@ def acceptance_main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows of the base model's AR decoding")
     parser.add_argument("--json", action="store_true", help="one JSON object per drafter instead of the table")
     parser.add_argument("--out", metavar="DIR", help="also write DIR/generations.jsonl (the base model's text that "
-                        "was scored), DIR/acceptance.jsonl (a line per drafter, with the machine) and the plot acceptance.png")
+                        "was scored), DIR/acceptance.jsonl (a line per drafter, with the machine) and the plot "
+                        "acceptance.png")
     args = parser.parse_args(argv)
     for flag, value in (("--drafts", args.drafts), ("--max-new-tokens", args.max_new_tokens),
                         ("--batch-size", args.batch_size)):
