@@ -24,7 +24,7 @@ def pipeline_main(argv: list[str]) -> None:
                         help="end after this stage (rerun without it to go on)")
     args = parser.parse_args(argv)
 
-    from cllm_jax.cli import collect_progress
+    from cllm_jax.cli.common import collect_progress
     from cllm_jax.evaluate.pipeline import load_pipeline_config, run_pipeline
 
     config = load_pipeline_config(args.config, args.overrides)
@@ -44,7 +44,7 @@ def ablation_main(argv: list[str]) -> None:
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished rows")
     args = parser.parse_args(argv)
 
-    from cllm_jax.cli import collect_progress
+    from cllm_jax.cli.common import collect_progress
     from cllm_jax.evaluate.ablation import load_ablation_config, run_ablation, write_table
 
     ablation = load_ablation_config(args.config)
@@ -82,7 +82,7 @@ def train_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cllm_jax.cli import run_commands
+    from cllm_jax.cli.common import run_commands
 
     return run_commands(
         sys.argv[1:] if argv is None else argv,
