@@ -50,7 +50,7 @@ cllm-code: setup-code
 # Two processes, one test file each at a time: twice the cores, and no single process accumulates
 # the compiled programs of the whole suite.
 test: setup-test
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 # The speed set, sized for the 2-core CPU: about 9 minutes there (ours against transformers ~2 min,
 # AR against fixed/rolling Jacobi ~4 min, the pass costs ~2.5 min; model loading and compilation

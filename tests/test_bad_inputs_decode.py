@@ -379,3 +379,23 @@ def test_running_out_of_memory_is_one_line(tiny_dir, monkeypatch, capsys):
     assert status == 2 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("error: out of memory (Out of memory allocating 29395389256 bytes.): lower "
                                "--batch-size or --max-new-tokens, or shorten the longest prompts"), err
+
+
+def test_a_prefill_beyond_memory_is_refused_before_compiling(tiny_dir, monkeypatch, capsys):
+    """A prompt whose KV cache fits but whose prefill does not (its attention grows with the prompt squared) is
+    one line before XLA is asked; a short prompt at the same free memory decodes."""
+    import os
+
+    real = os.sysconf
+    # 4 MiB free: the tiny model's cache for a 400-token prompt is 0.5 MiB, its prefill's scores 16 MiB
+    monkeypatch.setattr(os, "sysconf", lambda name: 1024 if name == "SC_AVPHYS_PAGES" else real(name))
+    assert decode.main(["--model", str(tiny_dir), "--prompt-ids", "5,6,7", "--max-new-tokens", "8"]) == 0
+    capsys.readouterr()
+    long_prompt = ",".join(str(3 + i % 100) for i in range(400))
+    status = decode.main(["--model", str(tiny_dir), "--prompt-ids", long_prompt, "--max-new-tokens", "8"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if "\r" not in line and line.strip()]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error: the KV cache for 1 rows of 1024 positions and the prefill of 512-token prompts "
+                               "needs 16.5 MiB but 4.0 MiB are free"), err
+    assert lines[0].endswith("lower the batch size, the number of new tokens or the prompts' length"), err

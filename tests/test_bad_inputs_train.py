@@ -155,12 +155,13 @@ def misspelt_pipeline_section(d, inputs, monkeypatch, straight):
 
 
 def unfinished_collection(d, inputs, monkeypatch, straight):
-    """Training on a collection whose summary says it is unfinished: one warning line, and it trains."""
+    """Training on a collection whose summary says it is unfinished: one warning line that counts the prompts
+    it holds (a killed collection's summary still says 0), and it trains."""
     collection = d / "collection"
     collection.mkdir(parents=True, exist_ok=True)
     shutil.copy(inputs[1], collection / "trajectories.jsonl")
     (collection / "summary.json").write_text('{"format": "cllm_jax.trajectories/1", "complete": false, '
-                                             '"counts": {"prompts": 8}}')
+                                             '"counts": {"prompts": 0}}')
     config = config_file(d, inputs)
     return ["--config", str(config), f"data.trajectories=[{collection}]"], None, lambda: (
         d / "run" / "export" / "config.json").is_file()

@@ -65,7 +65,11 @@ def check_memory(nbytes: int, what: str, fix: str) -> None:
         except (ValueError, OSError):
             return
     if nbytes > free:
-        raise InputError(f"{what} needs {nbytes / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free: {fix}")
+        raise InputError(f"{what} needs {_size(nbytes)} but {_size(free)} are free: {fix}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 class Decoder:
@@ -108,13 +112,18 @@ class Decoder:
     def _cache_shape(self, batch: int, bucket: int) -> tuple[int, int]:
         o, config = self.options, self.model.config
         shape = o.cache_shape(batch, cache_length_for(bucket, o.max_new_tokens, o.lookahead))
-        if shape not in self._caches and self.mesh is not None:
-            decode_mesh.check_fits(self.model, *shape, self.mesh)
-        elif shape not in self._caches:
-            itemsize = jnp.dtype(config.compute_dtype).itemsize
-            nbytes = 2 * config.num_layers * shape[0] * shape[1] * config.num_kv_heads * config.head_dim * itemsize
-            check_memory(nbytes, f"the KV cache for {shape[0]} rows of {shape[1]} positions",
-                         "lower the batch size or the number of new tokens")
+        if self.mesh is not None:
+            if shape not in self._caches:
+                decode_mesh.check_fits(self.model, *shape, self.mesh)
+            return shape
+        itemsize = jnp.dtype(config.compute_dtype).itemsize
+        cache = 2 * config.num_layers * shape[0] * shape[1] * config.num_kv_heads * config.head_dim * itemsize
+        # The prefill's fp32 attention scores and probabilities, every query of the padded prompts over every
+        # slot: quadratic in the prompt, they outgrow the cache for prompts of a few thousand tokens.
+        prefill = 2 * 4 * batch * config.num_heads * bucket * shape[1]
+        check_memory((0 if shape in self._caches else cache) + prefill,
+                     f"the KV cache for {shape[0]} rows of {shape[1]} positions and the prefill of {bucket}-token "
+                     f"prompts", "lower the batch size, the number of new tokens or the prompts' length")
         return shape
 
     def _cache(self, batch: int, bucket: int) -> tuple[tuple[int, int], KVCache]:
@@ -161,8 +170,11 @@ class Decoder:
         o, config, size = self.options, self.model.config, self.batch_size
         key = jax.random.key(self.guess_seed)
         row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
-        if prompts:  # the largest cache this call needs fits (or one line says so) before anything is built
-            self._cache_shape(size, bucket_length(max(len(p) for p in prompts)))
+        longest = max((len(p) for p in prompts), default=0)
+        # the largest cache and prefill this call needs fit (or one line says so) before anything is built; a
+        # prompt beyond the context is left to make_prompt_batch, whose line names the prompt
+        if prompts and longest + o.max_new_tokens + o.lookahead <= config.max_position_embeddings:
+            self._cache_shape(size, bucket_length(longest))
         for start in range(0, len(prompts), size):
             chunk = prompts[start : start + size]
             # Pad the last batch with copies of its first prompt: one batch size, one compilation.

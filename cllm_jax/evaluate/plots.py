@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_method_bars(labels: list[str], series: dict[str, list[float]], path: str | Path, title: str = "") -> None:
@@ -73,6 +74,7 @@ def plot_acceptance(per_method: dict[str, dict], path: str | Path) -> None:
             ax.plot(range(1, len(shares) + 1), shares, styles.get(candidate, "-"), marker="o",
                     label=f"{name}: {candidate}")
     ax.set_xlabel("draft position")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # positions are whole drafts
     ax.set_ylabel("share of passes accepting it")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

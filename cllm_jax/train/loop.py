@@ -72,11 +72,13 @@ def load_records(paths) -> list[TrajectoryRecord]:
     records = []
     for path in paths:
         summary = read_summary(Path(path)) if Path(path).is_dir() else None
+        held = list(read_trajectories(path))
         if summary is not None and not summary.get("complete", True):
-            done = summary.get("counts", {}).get("prompts", "some")
+            # counted from the records: a killed collection's summary still holds the counts it started with
+            done = len({r.data_id for r in held})
             warnings.warn(f"{path} is an unfinished collection ({done} prompts so far): training on what it holds; "
                           f"rerun its collection to complete it", CllmWarning, stacklevel=2)
-        records.extend(read_trajectories(path))
+        records.extend(held)
     return records
 
 
