@@ -377,3 +377,24 @@ def test_a_damaged_checkpoint_in_a_real_process_is_one_line(base, inputs):
     assert proc.stderr.splitlines() == [
         f"warning: checkpoint step 6 is damaged (a data file cannot be read: missing, truncated or corrupt), set "
         f"aside as {base / 'truncated' / 'run' / 'checkpoints' / '6.damaged'}; resumed from step 3"], proc.stderr[-3000:]
+
+
+def test_the_reads_a_damaged_restore_abandons_are_not_logged():
+    """asyncio logs a future nobody awaited whenever it is collected: the other reads of a damaged
+    checkpoint's restore (set aside already, in one warning line) must not reach stderr, at any time;
+    any other asyncio error still does."""
+    import logging
+
+    from cllm_jax.cli.common import _drop_abandoned_checkpoint_writes
+
+    def record(error):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Future exception was never retrieved",
+                                 None, (type(error), error, None))
+
+    damaged = ValueError('OUT_OF_RANGE: Error reading "opt_state.1.0.nu.layers.q_proj.value/0.0.0" in OCDBT database '
+                         'at local file "/tmp/run/checkpoints/6/state/": Requested byte range [610899, 640315) is not '
+                         'valid for value of size 321732')
+    failed_save = OSError("No space left on device: /tmp/run/checkpoints/6.orbax-checkpoint-tmp-0/state")
+    assert not _drop_abandoned_checkpoint_writes(record(damaged))
+    assert not _drop_abandoned_checkpoint_writes(record(failed_save))
+    assert _drop_abandoned_checkpoint_writes(record(RuntimeError("something else entirely")))

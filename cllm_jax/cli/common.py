@@ -40,13 +40,20 @@ def _drop_orbax_tracebacks(record: logging.LogRecord) -> bool:
     return True
 
 
+# What a future's exception says when it belongs to a failed save (orbax's temporary directory) or to
+# the restore of a damaged checkpoint (tensorstore reading its OCDBT files).
+_ABANDONED_CHECKPOINT_IO = (".orbax-checkpoint-tmp", "in OCDBT database at")
+
+
 def _drop_abandoned_checkpoint_writes(record: logging.LogRecord) -> bool:
-    # The other writes of a failed save end as futures and tasks nobody awaits; asyncio logs each one
-    # ("... exception was never retrieved") when it is collected, which may be after the command
-    # returned. The save's error is already the one line reported. A task's traceback runs through
-    # orbax; a future's exception has none, so it is known by orbax's temporary directory in its text.
+    # The other writes of a failed save, and the other reads of a damaged checkpoint's restore, end as
+    # futures and tasks nobody awaits; asyncio logs each one ("... exception was never retrieved") when
+    # it is collected, which may be after the command returned. The save's error, or the warning that
+    # set the damaged checkpoint aside, is already the one line reported. A task's traceback runs
+    # through orbax; a future's exception has none, so it is known by its text.
     error = record.exc_info[1] if record.exc_info else None
-    return _drop_orbax_tracebacks(record) and not (error is not None and ".orbax-checkpoint-tmp" in str(error))
+    return _drop_orbax_tracebacks(record) and not (
+        error is not None and any(mark in str(error) for mark in _ABANDONED_CHECKPOINT_IO))
 
 
 def _drop_closed_loop_callbacks() -> None:
