@@ -12,11 +12,56 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
+from tqdm import tqdm
+
 from cllm_jax.cli.decoding import (add_method_arguments, add_model_arguments, add_prompt_arguments, decoding_setup,
-                                   describe, load_for_decoding, print_results, prompt_token_ids, run_method)
+                                   load_for_decoding, prompt_token_ids)
+from cllm_jax.decode.options import Batching
 from cllm_jax.decode.registry import METHODS
+
+
+def run_method(model, method: str, options, prompts, batching: Batching, show_progress: bool):
+    from cllm_jax.decode.engine import Decoder, summarize
+
+    decoder = Decoder(model, method, options=options, **dataclasses.asdict(batching))
+    results = []
+    with tqdm(total=len(prompts), desc=method, unit="prompt", disable=not show_progress, file=sys.stderr) as bar:
+        for batch in decoder.generate_batches(prompts):
+            results += batch
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{summarize(results)['tokens_per_second']:.1f}")
+    return results
+
+
+def print_results(results, tokenizer, method: str, as_json: bool) -> None:
+    from cllm_jax.parallel.distributed import is_main_process
+
+    if not is_main_process():  # every process holds every result; one prints them
+        return
+    for r in results:
+        text = tokenizer.decode(r.token_ids) if tokenizer is not None else None
+        if as_json:
+            print(json.dumps({
+                "method": method, "prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "text": text,
+                "forward_passes": r.forward_passes, "tokens_per_forward": round(r.tokens_per_forward, 4),
+                "iterations_per_block": round(r.iterations_per_block, 4), "fast_forwarded": r.fast_forwarded,
+                "stationary": r.stationary, "seconds": round(r.seconds, 4), "compile_seconds": round(r.compile_seconds, 4),
+                "tokens_per_second": round(len(r.token_ids) / r.seconds, 2) if r.seconds > 0 else None,
+            }))  # fmt: skip
+        else:
+            print(text if text is not None else r.token_ids)
+            print(f"  [{method}] {len(r.token_ids)} tokens, {r.forward_passes} forward passes, TPF {r.tokens_per_forward:.2f}\n")
+
+
+def describe(summary: dict, method: str) -> str:
+    return (
+        f"{method}: {summary['tokens']} tokens, TPF {summary['tokens_per_forward']:.2f}, "
+        f"{summary['tokens_per_second']:.1f} tokens/s, {summary['seconds']:.2f} s (+{summary['compile_seconds']:.1f} s compile)"
+    )
 
 
 def decode_main(argv: list[str], keep_tokens: bool = False) -> dict:
